@@ -1,0 +1,284 @@
+"""The one typed config schema of a training run.
+
+Every knob a run has lives in these dataclasses, registered with Hydra's ConfigStore as
+``run_schema`` so that YAML in ``conf/`` is type-checked on composition (a misspelt key or a
+string where an int belongs fails with the key's path). Nothing else reads raw config:
+``orchestration.build`` turns a :class:`RunConfig` into Megatron-Core's config objects, and
+:func:`validate` enforces the hardware rules before any process group is created.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Defaults are the LLaMA choices; Crystal-style models flip the flags."""
+
+    name: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 128
+    ffn_hidden_size: int = 352
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # == num_attention_heads: plain multi-head attention
+    seq_length: int = 128
+    vocab_size: int = 4096  # tokenizer's size; padded by make_vocab_size_divisible_by x TP
+    make_vocab_size_divisible_by: int = 64
+    normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
+    norm_epsilon: float = 1e-5
+    activation: str = "swiglu"  # swiglu | gelu
+    add_bias_linear: bool = False
+    tie_embeddings: bool = False
+    position_embedding: str = "rope"  # rope | learned_absolute
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+
+@dataclass
+class MupConfig:
+    """Maximal update parametrization (Tensor Programs V); see megatron_patches/mup.py."""
+
+    enabled: bool = False
+    base_width: int = 256
+    embedding_multiplier: float = 1.0
+    output_multiplier: float = 1.0
+    attention_scale_power: float = 1.0  # 1.0: scores / d_head; 0.5: / sqrt(d_head)
+    embedding_init_std: float | None = None
+    hidden_init_std: float | None = None
+    output_proj_init_std: float | None = None
+    scale_adam_eps: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallelism. Data parallelism is whatever the world size leaves over."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    recompute: str = "none"  # none | selective | full
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule of a single-stage run (stages may override)."""
+
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 30
+    decay_style: str = "cosine"  # cosine | linear | constant | wsd
+    decay_steps: int | None = None  # default: the stage's steps minus warmup
+    init_lr: float = 0.0  # LR at step 0 of warmup
+
+
+@dataclass
+class SourceConfig:
+    """One source of a data mix: a Megatron indexed dataset prefix (no .bin/.idx suffix)."""
+
+    name: str = ""
+    path: str = ""
+    multiplier: float = 1.0
+    tokens: int | None = None
+
+
+@dataclass
+class DataConfig:
+    """A data mix (conf/data/*.yaml): sources, tokenizer and the train/valid/test split."""
+
+    name: str = "demo"
+    tokenizer_model: str = ""
+    split: str = "98,2,0"
+    sources: list[SourceConfig] = field(default_factory=list)
+    eod_mask_loss: bool = False
+    num_workers: int = 0
+    prepare: str | None = None  # "demo": build the embedded demo corpus when missing
+
+
+@dataclass
+class StageConfig:
+    """One stage of a curriculum; unset fields inherit the run's top-level values."""
+
+    name: str = "main"
+    data: DataConfig | None = None
+    train_tokens: int | None = None
+    max_steps: int | None = None
+    global_batch_size: int | None = None
+    optim: OptimConfig | None = None
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    max_steps: int = 300  # used when no stage sets a token budget
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 4
+    skip_batches_file: str | None = None
+    exit_after_steps: int | None = None  # stop (with a checkpoint) after N steps this job
+    eval_only: bool = False  # evaluate the loaded/resumed weights once and exit
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 100
+    keep_last: int = 3
+    load: str | None = None  # start from this checkpoint when the run dir has none
+    load_optimizer: bool = True  # with `load`: also restore optimizer state (not just weights)
+    save_initial: bool = False  # also save step 0 (the initial weights), as LLM360 releases do
+    # Megatron-Core 0.16 can reshard distributed-optimizer state across DP but not TP/PP. On a
+    # TP/PP change the weights always load; Adam's moments restart only if this is true.
+    reset_optimizer_on_reshard: bool = False
+    async_save: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "open-pretrain"
+    wandb_entity: str | None = None
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # auto | cuda | cpu
+    distributed_timeout_s: int = 600
+    peak_flops_per_gpu: float | None = None  # for MFU; detected for known GPUs when unset
+    deterministic: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mup: MupConfig = field(default_factory=MupConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so ``conf/config.yaml`` can list ``run_schema`` in its defaults."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
+    """Resolve interpolations and convert Hydra's DictConfig into the typed dataclass."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    typed = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    return OmegaConf.to_object(typed)  # type: ignore[return-value]
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending keys."""
+
+
+def padded_vocab_size(model: ModelConfig, tensor_parallel: int) -> int:
+    """Megatron's rule: pad the embedding so each TP shard is a multiple of the divisor."""
+    multiple = model.make_vocab_size_divisible_by * tensor_parallel
+    return -(-model.vocab_size // multiple) * multiple
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Fail fast, naming keys, on combinations the kernels or the parallel layout can't run."""
+    errors = _model_errors(cfg.model, cfg.parallel) + _batch_errors(cfg, world_size)
+    errors += _choice_errors(cfg)
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _model_errors(m: ModelConfig, p: ParallelConfig) -> list[str]:
+    errors = []
+    tp = p.tensor
+    if m.hidden_size % m.num_attention_heads:
+        errors.append(f"model.hidden_size={m.hidden_size} is not divisible by "
+                      f"model.num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % m.num_query_groups:
+        errors.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                      f"model.num_query_groups={m.num_query_groups}")
+    for key, value in (("num_attention_heads", m.num_attention_heads),
+                       ("num_query_groups", m.num_query_groups),
+                       ("ffn_hidden_size", m.ffn_hidden_size)):
+        if value % tp:
+            errors.append(f"model.{key}={value} is not divisible by parallel.tensor={tp}")
+    if m.make_vocab_size_divisible_by % 64:
+        errors.append(f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} "
+                      "must be a multiple of 64 (tensor-core friendly embedding shards)")
+    if m.num_layers % p.pipeline:
+        errors.append(f"model.num_layers={m.num_layers} is not divisible by "
+                      f"parallel.pipeline={p.pipeline}")
+    if p.sequence_parallel and tp == 1:
+        errors.append("parallel.sequence_parallel=true needs parallel.tensor > 1")
+    if not 0.0 < m.rotary_percent <= 1.0:
+        errors.append(f"model.rotary_percent={m.rotary_percent} must be in (0, 1]")
+    return errors
+
+
+def _batch_errors(cfg: RunConfig, world_size: int | None) -> list[str]:
+    errors = []
+    model_parallel = cfg.parallel.tensor * cfg.parallel.pipeline
+    if world_size is None:
+        return errors
+    if world_size % model_parallel:
+        return [f"world size {world_size} is not divisible by parallel.tensor x "
+                f"parallel.pipeline = {model_parallel}"]
+    dp = world_size // model_parallel
+    batches = [("train.global_batch_size", cfg.train.global_batch_size)]
+    batches += [(f"stages[{i}].global_batch_size", s.global_batch_size)
+                for i, s in enumerate(cfg.stages) if s.global_batch_size]
+    for key, gbs in batches:
+        if gbs % (cfg.train.micro_batch_size * dp):
+            errors.append(f"{key}={gbs} is not divisible by train.micro_batch_size="
+                          f"{cfg.train.micro_batch_size} x data-parallel size {dp}")
+    return errors
+
+
+_CHOICES = {
+    "model.normalization": ("RMSNorm", "LayerNorm"),
+    "model.activation": ("swiglu", "gelu"),
+    "model.position_embedding": ("rope", "learned_absolute"),
+    "parallel.recompute": ("none", "selective", "full"),
+    "optim.decay_style": ("cosine", "linear", "constant", "wsd"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+    "runtime.device": ("auto", "cuda", "cpu"),
+}
+
+
+def _choice_errors(cfg: RunConfig) -> list[str]:
+    errors = []
+    for key, allowed in _CHOICES.items():
+        section, attr = key.split(".")
+        value = getattr(getattr(cfg, section), attr)
+        if value not in allowed:
+            errors.append(f"{key}={value!r} is not one of {allowed}")
+    return errors

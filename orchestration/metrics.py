@@ -1,0 +1,85 @@
+"""Per-step metrics to stdout, a JSONL file in the run directory, and Weights & Biases.
+
+W&B runs offline by default (``logging.wandb_mode=offline``): nothing needs a network, and
+``wandb sync <run_dir>/wandb/offline-run-*`` uploads later. Only the main rank logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from orchestration.config import LoggingConfig
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict[str, Any],
+                 enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._wandb = None
+        if not enabled:
+            return
+        self._file = open(self.path, "a", buffering=1)  # line-buffered: survives a kill
+        if cfg.wandb_mode != "disabled":
+            self._wandb = _start_wandb(run_dir, cfg, run_name, config)
+
+    def log(self, record: dict[str, Any], echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record, default=float) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                            step=int(record.get("step", 0)))
+        if echo:
+            log.info(format_record(record))
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """A non-metric event (stage change, skipped batch, checkpoint) in the same JSONL."""
+        self.log({"event": kind, **fields}, echo=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(run_dir: Path, cfg: LoggingConfig, name: str, config: dict[str, Any]):
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed; metrics go to %s only", run_dir / "metrics.jsonl")
+        return None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=name,
+                      id=_stable_id(run_dir), resume="allow", dir=str(run_dir),
+                      mode=cfg.wandb_mode, config=config)
+
+
+def _stable_id(run_dir: Path) -> str:
+    """One W&B run per run directory, so a resumed or requeued job appends to the same run."""
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def format_record(r: dict[str, Any]) -> str:
+    if "event" in r:
+        return "[{}] ".format(r["event"]) + " ".join(
+            f"{k}={v}" for k, v in r.items() if k != "event")
+    parts = [f"step {r['step']:>6}"]
+    for key, fmt in (("loss", "{:.4f}"), ("grad_norm", "{:.3f}"), ("lr", "{:.3e}"),
+                     ("tokens_per_s", "{:,.0f}"), ("consumed_tokens", "{:,}"),
+                     ("step_time_s", "{:.3f}"), ("mfu", "{:.1%}"), ("val_loss", "{:.4f}")):
+        value = r.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            parts.append(f"{key} " + fmt.format(value))
+    return " | ".join(parts)

@@ -1,0 +1,11 @@
+"""Callbacks for the training recipes a config turns on (loss-spike skipping, replay, ...)."""
+
+from __future__ import annotations
+
+from orchestration.callbacks import Callback
+from orchestration.config import RunConfig
+from orchestration.metrics import MetricsLogger
+
+
+def recipe_callbacks(cfg: RunConfig, logger: MetricsLogger) -> list[Callback]:
+    return []

@@ -1,0 +1,50 @@
+"""Shared fixtures: a synthetic corpus, a tiny run config, and gloo multi-process launching."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/corpus.py, tests/dist.py
+
+from corpus import build_corpus  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict:
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture
+def tiny_cfg(corpus, tmp_path):
+    return make_tiny_cfg(corpus, tmp_path / "run")
+
+
+def make_tiny_cfg(corpus: dict, run_dir: Path):
+    """A fast tiny-model run config on the synthetic corpus (fp32, CPU, no W&B)."""
+    from orchestration.config import RunConfig, SourceConfig
+
+    cfg = RunConfig(name="test", run_dir=str(run_dir))
+    cfg.model.vocab_size = 256
+    cfg.model.num_layers = 2
+    cfg.model.hidden_size = 64
+    cfg.model.ffn_hidden_size = 128
+    cfg.model.seq_length = 64
+    cfg.data.tokenizer_model = corpus["tokenizer"]
+    cfg.data.sources = [SourceConfig(name=k, path=v) for k, v in corpus["sources"].items()]
+    cfg.train.micro_batch_size = 2
+    cfg.train.global_batch_size = 8
+    cfg.train.max_steps = 6
+    cfg.train.eval_interval = 0
+    cfg.optim.warmup_steps = 2
+    cfg.checkpoint.save_interval = 0
+    cfg.logging.wandb_mode = "disabled"
+    cfg.runtime.device = "cpu"
+    return cfg

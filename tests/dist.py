@@ -1,0 +1,41 @@
+"""Run ``orchestration.train.run`` in N spawned gloo processes and collect rank 0's summary."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cfg, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from orchestration.train import run
+
+    summary = run(cfg)
+    if rank == 0:
+        Path(out).write_bytes(pickle.dumps(summary))
+
+
+def run_distributed(cfg, world_size: int) -> dict:
+    """Train ``cfg`` on ``world_size`` CPU processes; rank 0's summary (losses are global)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "summary.pkl")
+        mp.start_processes(_worker, args=(world_size, _free_port(), cfg, out),
+                           nprocs=world_size, join=True, start_method="spawn")
+        return pickle.loads(Path(out).read_bytes())
+
+
+def run_single(cfg) -> dict:
+    """One process, in a spawned child so process-group state never leaks between tests."""
+    return run_distributed(cfg, 1)
