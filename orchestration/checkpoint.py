@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_patches.optimizer_state import ensure_adam_state
+from megatron_patches.optimizer_state import ensure_adam_state, restore_adam_steps
 from orchestration.distributed import comm_device
 from orchestration.model import unwrap
 
@@ -154,9 +154,11 @@ def load(path: Path, model, optimizer, with_optimizer: bool = True,
     template = sharded_state(model, optimizer, {}, True, with_optimizer)
     template.pop("trainer")
     state = dist_checkpointing.load(template, str(path))
-    unwrap(model).load_state_dict(state["model"])
-    if with_optimizer and optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # fp32 main params are views of the (grad-requiring) weights
+        unwrap(model).load_state_dict(state["model"])
+        if with_optimizer and optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            restore_adam_steps(optimizer, state["optimizer"])
     common = dist_checkpointing.load_common_state_dict(str(path))
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if meta.get("layout") == _layout() and rng_file.is_file():

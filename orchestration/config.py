@@ -190,7 +190,9 @@ def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
     """Resolve interpolations and convert Hydra's DictConfig into the typed dataclass."""
     if isinstance(cfg, RunConfig):
         return cfg
-    typed = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    # Merge a plain copy: a key forced in with `+key=...` must still fail against the schema.
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    typed = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
     return OmegaConf.to_object(typed)  # type: ignore[return-value]
 
 

@@ -48,3 +48,36 @@ def make_tiny_cfg(corpus: dict, run_dir: Path):
     cfg.logging.wandb_mode = "disabled"
     cfg.runtime.device = "cpu"
     return cfg
+
+
+@pytest.fixture(scope="session")
+def megatron_env():
+    """This process as a one-rank gloo world with Megatron's model-parallel groups (TP=PP=1).
+
+    Training runs use spawned processes (tests/dist.py); this is for inspecting built models.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_patches import cpu_compat
+    from orchestration.distributed import _free_port, seed_everything
+
+    cpu_compat.enable(force=True)
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    seed_everything(1234)
+    yield
+
+
+def load_model_config(name: str):
+    """conf/model/<name>.yaml as a typed ModelConfig."""
+    from omegaconf import OmegaConf
+
+    from orchestration.config import ModelConfig
+
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                             OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
+    return OmegaConf.to_object(merged)
