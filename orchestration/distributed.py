@@ -42,6 +42,9 @@ def init_distributed(cfg: RunConfig) -> DistInfo:
 
     Works under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) and as a single plain process.
     """
+    from orchestration.slurm import torch_distributed_env
+
+    os.environ.update(torch_distributed_env())  # srun/submitit tasks as ranks, no torchrun
     on_cpu = use_cpu(cfg.runtime.device)
     if on_cpu:
         cpu_compat.enable(force=True)

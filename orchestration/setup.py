@@ -48,7 +48,21 @@ def build_training(cfg: RunConfig) -> TrainingObjects:
     model = wrap_for_training(build_gpt_model(cfg, mc), mc)
     optimizer = get_megatron_optimizer(mc.optimizer, [model], config_overrides=_overrides(cfg, mc))
     _connect_schedule_hooks(mc, model, optimizer, cfg)
-    return TrainingObjects(cfg, info, mc, model, optimizer, plan_stages(cfg))
+    stages = plan_stages(cfg)
+    for stage in stages:  # build or check every stage's data now, not hours into the run
+        prepare_data(stage.data, info.is_main)
+        _check_sources_exist(stage.data)
+    return TrainingObjects(cfg, info, mc, model, optimizer, stages)
+
+
+def _check_sources_exist(data: DataConfig) -> None:
+    for i, source in enumerate(data.sources):
+        missing = [f"{source.path}{ext}" for ext in (".bin", ".idx")
+                   if not Path(f"{source.path}{ext}").is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"data '{data.name}' sources[{i}] ({source.name}): missing {', '.join(missing)}; "
+                "tokenize it with `python data_prep/tokenize.py` or fix the path")
 
 
 def _connect_schedule_hooks(mc: MegatronConfigs, model, optimizer, cfg: RunConfig) -> None:
@@ -96,7 +110,6 @@ def load_tokenizer(cfg: RunConfig, data: DataConfig) -> TokenizerInfo:
 
 
 def _stage_datasets(cfg: RunConfig, stage: Stage, info: DistInfo) -> StageDatasets:
-    prepare_data(stage.data, info.is_main)
     tokenizer = load_tokenizer(cfg, stage.data)
     return build_datasets(
         stage.data, tokenizer, stage.seq_length, seed=cfg.train.seed + stage.index,

@@ -101,3 +101,26 @@ class CheckpointCallback(Callback):
         path = trainer.save_checkpoint()
         self.last_saved = trainer.step
         log.info("saved %s in %.2fs", path, time.perf_counter() - t0)
+
+
+class PreemptionCallback(Callback):
+    """SIGUSR1/SIGTERM (SLURM's time-limit warning, preemption): finish the step, checkpoint
+    (CheckpointCallback sees ``stop_requested``), then requeue the job under SLURM."""
+
+    name = "preemption"
+
+    def on_fit_start(self, trainer) -> None:
+        from orchestration.slurm import PreemptionSignal
+
+        trainer.stop_signal = PreemptionSignal()
+
+    def on_fit_end(self, trainer) -> None:
+        from orchestration.slurm import in_slurm, requeue_job
+
+        if trainer.stop_signal is not None:
+            trainer.stop_signal.uninstall()
+        stopped = trainer.stop_requested or ""
+        if stopped.startswith("signal") and trainer.o.dist.is_main and in_slurm():
+            requeued = requeue_job(run_dir=trainer.run_dir)
+            log.info("stopped on %s at step %d; requeue %s", stopped, trainer.step,
+                     "requested" if requeued else "not possible (see warning)")

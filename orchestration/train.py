@@ -50,7 +50,12 @@ def default_callbacks(cfg: RunConfig, objects) -> list:
     from orchestration.flops import flops_per_token
     from orchestration.metrics import MetricsLogger
     from orchestration.recipes import recipe_callbacks
-    from orchestration.standard_callbacks import CheckpointCallback, EvalCallback, MetricsCallback
+    from orchestration.standard_callbacks import (
+        CheckpointCallback,
+        EvalCallback,
+        MetricsCallback,
+        PreemptionCallback,
+    )
 
     is_main = objects.dist.is_main
     if is_main:
@@ -63,6 +68,7 @@ def default_callbacks(cfg: RunConfig, objects) -> list:
                         objects.dist.world_size),
         EvalCallback(logger),
         CheckpointCallback(),
+        PreemptionCallback(),
     ]
 
 
@@ -71,13 +77,9 @@ def _detect_peak_flops(on_cpu: bool) -> float | None:
         return None
     import torch
 
-    from orchestration.flops import PEAK_BF16_FLOPS
+    from orchestration.flops import peak_flops_for_device
 
-    name = torch.cuda.get_device_name().lower()
-    for key, peak in PEAK_BF16_FLOPS.items():
-        if key.split("_")[0] in name:
-            return peak
-    return None
+    return peak_flops_for_device(torch.cuda.get_device_name())
 
 
 def _write_run_record(cfg: RunConfig, objects) -> None:

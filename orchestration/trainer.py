@@ -60,6 +60,7 @@ class Trainer:
         self.last_loss = float("nan")
         self.last_val_loss = float("nan")
         self.stop_requested: str | None = None
+        self.stop_signal = None  # set by PreemptionCallback: has .signal_name when signalled
         self._forward_backward = get_forward_backward_func()
 
     # ----------------------------------------------------------------- public API
@@ -174,8 +175,15 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.o.optimizer.zero_grad()
         total = self._loss_sum(step_in_stage, self.data.train, forward_only)
-        dist.all_reduce(total)  # the one collective (and host sync) the skip decision needs
-        loss_sum, count = total.tolist()
+        # The one collective (and host sync) per step: the global loss for the skip decision,
+        # plus any rank's stop signal (SIGUSR1/SIGTERM), so that every rank stops together.
+        signal_name = self.stop_signal.signal_name if self.stop_signal else None
+        flags = torch.tensor([1.0 if signal_name else 0.0], dtype=total.dtype, device=total.device)
+        total = torch.cat([total, flags])
+        dist.all_reduce(total)
+        loss_sum, count, stop = total.tolist()
+        if stop and self.stop_requested is None:
+            self.stop_requested = f"signal {signal_name or 'on another rank'}"
         return loss_sum / count if count else float("nan")
 
     def _loss_sum(self, index: int, dataset, forward_only: bool) -> torch.Tensor:

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs once per node (srun --ntasks-per-node=1 from common.sh's run_job): build this node's
+# torchrun command from SLURM_NODEID & co. and replace this shell with it.
+#   usage (by srun only): bash launch/node.sh EXPERIMENT [HYDRA_OVERRIDES...]
+set -euo pipefail
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+# SLURM's --signal=USR1@120 (no "B:") reaches every process of the step, torchrun included.
+# torchrun installs no USR1 handler, so the default action would kill it and its ranks before
+# they could checkpoint. An ignored disposition survives exec and fork, so torchrun ignores
+# the signal; each training rank replaces the disposition with orchestration.slurm's handler.
+trap '' USR1
+
+build_torchrun_cmd "$@"
+log_msg "node ${SLURM_NODEID:-0} ($(hostname)): ${TORCHRUN_CMD[*]}"
+exec "${TORCHRUN_CMD[@]}"
