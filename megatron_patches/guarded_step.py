@@ -35,7 +35,8 @@ def guarded_step(optimizer: ChainedOptimizer,
     """
     found_inf = bool(optimizer.prepare_grads())
     grad_norm = float("nan") if found_inf else float(optimizer.get_grad_norm())
-    if found_inf or not math.isfinite(grad_norm) or (veto is not None and veto(grad_norm)):
+    vetoed = veto is not None and veto(grad_norm)  # asked even when non-finite: it logs why
+    if vetoed or found_inf or not math.isfinite(grad_norm):
         return StepOutcome(updated=False, grad_norm=grad_norm, found_inf=found_inf)
     for sub in optimizer.chained_optimizers:
         if getattr(sub, "is_stub_optimizer", False) or not sub.get_parameters():

@@ -30,6 +30,10 @@ class Callback:
         """Return a reason to drop this batch's update (the LR and data position still move)."""
         return None
 
+    def remap_batch(self, trainer: Trainer, batch: int) -> int:
+        """Map the stage-local batch number to the one to read (identity unless reordering)."""
+        return batch
+
     def after_step(self, trainer: Trainer, result: StepResult) -> None: ...
 
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
@@ -60,6 +64,11 @@ class CallbackList:
     def veto_update(self, trainer: Trainer, loss: float, grad_norm: float) -> str | None:
         return next((r for cb in self.callbacks
                      if (r := cb.veto_update(trainer, loss, grad_norm))), None)
+
+    def remap_batch(self, trainer: Trainer, batch: int) -> int:
+        for cb in self.callbacks:
+            batch = cb.remap_batch(trainer, batch)
+        return batch
 
     def after_step(self, trainer: Trainer, result: StepResult) -> None:
         for cb in self.callbacks:

@@ -119,7 +119,32 @@ class StageConfig:
     train_tokens: int | None = None
     max_steps: int | None = None
     global_batch_size: int | None = None
-    optim: OptimConfig | None = None
+    seq_length: int | None = None
+    optim: OptimConfig | None = None  # with lr_schedule=per_stage: this stage's own schedule
+    ramp_off_steps: int = 0  # linearly bring the LR down over the stage's last N steps ...
+    ramp_off_lr: float | None = None  # ... to this value (default: the schedule's min_lr)
+
+
+@dataclass
+class SpikeConfig:
+    """Skip a batch whose loss or grad norm spikes or is NaN/Inf (see orchestration/spikes.py).
+
+    Default rule is OLMo-core's: skip when the loss or the grad norm exceeds the mean plus 6
+    standard deviations of the last 128 accepted steps, once at least half the window is seen.
+    """
+
+    enabled: bool = True
+    rule: str = "zscore"  # zscore (mean + k*std) | ema_ratio (k x EMA) | max_ratio (k x max)
+    window: int = 128
+    threshold: float = 6.0
+    min_history: int = 64  # no spike is declared before this many accepted steps
+    ema_decay: float = 0.99
+    check_grad_norm: bool = True
+    escalate_after: int = 5  # this many skips ...
+    escalate_within: int = 100  # ... within this many steps escalates:
+    on_escalation: str = "stop"  # stop | rollback_skip | rollback_defer | none
+    skip_steps: list[str] = field(default_factory=list)  # "120", "300-340": never computed
+    inject: dict[str, str] = field(default_factory=dict)  # {"150": "nan" | "spike"} for drills
 
 
 @dataclass
@@ -175,6 +200,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=list)
+    lr_schedule: str = "per_stage"  # per_stage: each stage's optim | global: one over all stages
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -273,6 +300,8 @@ _CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "runtime.device": ("auto", "cuda", "cpu"),
+    "spike.rule": ("zscore", "ema_ratio", "max_ratio"),
+    "spike.on_escalation": ("stop", "rollback_skip", "rollback_defer", "none"),
 }
 
 
@@ -283,4 +312,6 @@ def _choice_errors(cfg: RunConfig) -> list[str]:
         value = getattr(getattr(cfg, section), attr)
         if value not in allowed:
             errors.append(f"{key}={value!r} is not one of {allowed}")
+    if cfg.lr_schedule not in ("per_stage", "global"):
+        errors.append(f"lr_schedule={cfg.lr_schedule!r} is not one of ('per_stage', 'global')")
     return errors

@@ -7,5 +7,7 @@ from orchestration.config import RunConfig
 from orchestration.metrics import MetricsLogger
 
 
-def recipe_callbacks(cfg: RunConfig, logger: MetricsLogger) -> list[Callback]:
-    return []
+def recipe_callbacks(cfg: RunConfig, logger: MetricsLogger, is_main: bool) -> list[Callback]:
+    from orchestration.skipping import SkipBatchesCallback
+
+    return [SkipBatchesCallback(cfg, logger, is_main)]

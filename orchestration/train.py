@@ -36,7 +36,9 @@ def run(cfg: RunConfig) -> dict:
         results = trainer.fit()
         summary = {"run_dir": str(run_dir), "final_step": trainer.step,
                    "final_loss": trainer.last_loss, "val_loss": trainer.last_val_loss,
-                   "stopped": trainer.stop_requested,
+                   "stopped": trainer.stop_requested, "failed": trainer.failed,
+                   "skipped": [r.step + 1 for r in results if r.skip_reason],
+                   "loss_by_step": {r.step + 1: r.loss for r in results},
                    "losses": [r.loss for r in results]}
         if objects.dist.is_main:
             log.info("done: step %d, last loss %.4f; metrics %s; checkpoints %s", trainer.step,
@@ -63,7 +65,7 @@ def default_callbacks(cfg: RunConfig, objects) -> list:
     logger = MetricsLogger(Path(cfg.run_dir), cfg.logging, cfg.name, to_dict(cfg), is_main)
     peak = cfg.runtime.peak_flops_per_gpu or _detect_peak_flops(objects.dist.on_cpu)
     return [
-        *recipe_callbacks(cfg, logger),
+        *recipe_callbacks(cfg, logger, is_main),
         MetricsCallback(logger, flops_per_token(cfg.model, cfg.model.seq_length), peak,
                         objects.dist.world_size),
         EvalCallback(logger),
@@ -96,6 +98,9 @@ def main(dcfg: DictConfig) -> float:
     _configure_logging()
     cfg = to_run_config(dcfg)
     summary = run(cfg)
+    if summary["failed"]:
+        log.error("run stopped: %s (state saved in %s)", summary["stopped"], cfg.run_dir)
+        raise SystemExit(1)
     return float(summary["final_loss"])  # Hydra sweepers (e.g. Optuna) read the return value
 
 

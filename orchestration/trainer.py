@@ -26,9 +26,16 @@ from orchestration.callbacks import Callback, CallbackList
 from orchestration.config import RunConfig
 from orchestration.data import BatchLayout, StageDatasets, microbatches
 from orchestration.distributed import comm_device
-from orchestration.schedule import apply_lr, lr_at
+from orchestration.schedule import apply_lr
 from orchestration.setup import TrainingObjects
-from orchestration.stages import Stage, consumed_tokens, stage_at, total_steps
+from orchestration.stages import (
+    Stage,
+    consumed_tokens,
+    lr_for_step,
+    stage_at,
+    total_steps,
+    weight_decay_for_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ class Trainer:
         self.last_val_loss = float("nan")
         self.stop_requested: str | None = None
         self.stop_signal = None  # set by PreemptionCallback: has .signal_name when signalled
+        self.failed = False  # stopped by a policy (e.g. persistent loss spikes), not finished
+        self.loss_multiplier = 1.0  # fault-injection drills (spike.inject) scale the loss
         self._forward_backward = get_forward_backward_func()
 
     # ----------------------------------------------------------------- public API
@@ -87,14 +96,13 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         stage, t0 = self.stage, time.perf_counter()
-        step_in_stage = self.step - stage.start_step
-        lr = lr_at(stage.optim, step_in_stage, stage.steps)
-        apply_lr(self.o.optimizer, lr, stage.optim.weight_decay)
+        lr = lr_for_step(self.cfg, self.stages, self.step)
+        apply_lr(self.o.optimizer, lr, weight_decay_for_step(self.cfg, self.stages, self.step))
         reason = self.callbacks.before_step(self)
         if reason is not None:  # skipped without computing: replay or configured ranges
             return StepResult(self.step, stage, float("nan"), float("nan"), lr, False, reason,
                               time.perf_counter() - t0)
-        loss = self._forward_backward_loss(step_in_stage, forward_only=False)
+        loss = self._forward_backward_loss(self.data_step(), forward_only=False)
         vetoes: list[str] = []
         outcome = guarded_step(self.o.optimizer, lambda g: self._veto(loss, g, vetoes))
         if not outcome.updated and not vetoes:
@@ -102,6 +110,12 @@ class Trainer:
         self.last_loss = loss
         return StepResult(self.step, stage, loss, outcome.grad_norm, lr, outcome.updated,
                           vetoes[0] if vetoes else None, time.perf_counter() - t0)
+
+    def data_step(self, step: int | None = None) -> int:
+        """Which of the stage's batches global step ``step`` (default: the next) reads: the step
+        within the stage, unless a callback reorders the stage (a deferred window)."""
+        step = self.step if step is None else step
+        return self.callbacks.remap_batch(self, step - self.stage.start_step)
 
     def evaluate(self, iters: int) -> float:
         """Mean held-out loss over the first ``iters`` global batches of the valid split."""
@@ -202,13 +216,15 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         batch = {k: v.to(comm_device(), non_blocking=True) for k, v in next(data_iterator).items()}
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, functools.partial(_masked_loss, batch["loss_mask"])
+        return output, functools.partial(_masked_loss, batch["loss_mask"], self.loss_multiplier)
 
 
-def _masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def _masked_loss(loss_mask: torch.Tensor, multiplier: float, per_token_loss: torch.Tensor):
     """Megatron's 3-tuple contract: (loss sum, token count, values to report)."""
     mask = loss_mask.view(-1).float()
     loss_sum = torch.sum(per_token_loss.view(-1).float() * mask)
+    if multiplier != 1.0:
+        loss_sum = loss_sum * multiplier
     count = mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
     return loss_sum, count, {"lm loss": report}

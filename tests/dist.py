@@ -23,17 +23,18 @@ def _worker(rank: int, world: int, port: int, cfg, out: str) -> None:
     from orchestration.train import run
 
     summary = run(cfg)
-    if rank == 0:
-        Path(out).write_bytes(pickle.dumps(summary))
+    Path(f"{out}.{rank}").write_bytes(pickle.dumps(summary))
 
 
-def run_distributed(cfg, world_size: int) -> dict:
-    """Train ``cfg`` on ``world_size`` CPU processes; rank 0's summary (losses are global)."""
+def run_distributed(cfg, world_size: int, all_ranks: bool = False):
+    """Train ``cfg`` on ``world_size`` CPU processes; rank 0's summary (losses are global),
+    or every rank's summaries with ``all_ranks``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "summary.pkl")
         mp.start_processes(_worker, args=(world_size, _free_port(), cfg, out),
                            nprocs=world_size, join=True, start_method="spawn")
-        return pickle.loads(Path(out).read_bytes())
+        summaries = [pickle.loads(Path(f"{out}.{r}").read_bytes()) for r in range(world_size)]
+    return summaries if all_ranks else summaries[0]
 
 
 def run_single(cfg) -> dict:

@@ -1,0 +1,126 @@
+"""Loss-spike skipping: the rule, skipping without damage, replay, rollback, rank agreement."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+from dist import run_distributed, run_single
+
+from orchestration.config import SpikeConfig
+from orchestration.spikes import SeriesMonitor, parse_step_ranges
+
+
+def test_zscore_rule_waits_for_history_then_flags_outliers():
+    monitor = SeriesMonitor("loss", SpikeConfig(window=32, threshold=6.0, min_history=16))
+    rng = random.Random(0)
+    flagged = []
+    for i in range(200):
+        value = 3.0 + rng.gauss(0, 0.05)
+        verdict = monitor.check(value)
+        flagged.append(verdict.spike)
+        if not verdict.spike:
+            monitor.accept(value)
+    assert not any(flagged), "normal fluctuation is never a spike"
+    assert monitor.check(4.0).spike and monitor.check(float("nan")).spike
+    assert monitor.check(float("inf")).spike
+
+
+def test_other_rules():
+    ema = SeriesMonitor("loss", SpikeConfig(rule="ema_ratio", threshold=2.0, min_history=2))
+    peak = SeriesMonitor("loss", SpikeConfig(rule="max_ratio", threshold=10.0, min_history=2))
+    for value in (1.0, 1.0, 1.0):
+        ema.accept(value)
+        peak.accept(value)
+    assert not ema.check(1.9).spike and ema.check(2.1).spike
+    assert not peak.check(9.0).spike and peak.check(11.0).spike
+
+
+def test_step_ranges():
+    assert parse_step_ranges(["3", "7-9"]) == {3, 7, 8, 9}
+    with pytest.raises(ValueError, match="'x-2'"):
+        parse_step_ranges(["x-2"])
+
+
+def _cfg(tiny_cfg, tmp_path, name: str, steps: int = 12):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.run_dir = str(tmp_path / name)
+    cfg.train.max_steps = steps
+    cfg.spike.min_history = 10
+    cfg.spike.window = 16
+    return cfg
+
+
+def _skip_log(cfg) -> list[dict]:
+    path = Path(cfg.run_dir) / "skipped_batches.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_nan_batch_is_skipped_without_touching_weights(tiny_cfg, tmp_path):
+    nan_run = _cfg(tiny_cfg, tmp_path, "nan")
+    nan_run.spike.inject = {"6": "nan"}
+    skipped = _cfg(tiny_cfg, tmp_path, "skip")
+    skipped.spike.skip_steps = ["6"]
+    a, b = run_single(nan_run), run_single(skipped)
+    assert a["skipped"] == b["skipped"] == [6] and a["final_step"] == 12
+    assert math.isnan(a["loss_by_step"][6])
+    # No update from step 6 in either run: every other step's loss is identical.
+    assert {k: v for k, v in a["loss_by_step"].items() if k != 6} == \
+        {k: v for k, v in b["loss_by_step"].items() if k != 6}
+    (entry,) = _skip_log(nan_run)
+    assert entry["step"] == 6 and entry["computed"] and "loss is nan" in entry["reason"]
+    assert entry["sample_indices"] == [40, 48] and len(entry["sources"]) == 8
+
+
+def test_spike_skipped_clean_run_has_no_false_positives_and_replay_matches(tiny_cfg, tmp_path):
+    clean = _cfg(tiny_cfg, tmp_path, "clean", steps=24)
+    assert run_single(clean)["skipped"] == []
+    spiky = _cfg(tiny_cfg, tmp_path, "spiky", steps=24)
+    spiky.spike.inject = {"15": "spike"}
+    spiked = run_single(spiky)
+    assert spiked["skipped"] == [15]
+    replay = _cfg(tiny_cfg, tmp_path, "replay", steps=24)
+    replay.train.skip_batches_file = str(Path(spiky.run_dir) / "skipped_batches.jsonl")
+    replayed = run_single(replay)
+    assert replayed["skipped"] == [15]
+    assert {k: v for k, v in replayed["loss_by_step"].items() if k != 15} == \
+        {k: v for k, v in spiked["loss_by_step"].items() if k != 15}
+
+
+def test_rollback_restores_weights_and_skips_the_window(tiny_cfg, tmp_path):
+    roll = _cfg(tiny_cfg, tmp_path, "roll")
+    roll.checkpoint.save_interval = 4
+    roll.spike.inject = {"7": "nan"}
+    roll.spike.escalate_after, roll.spike.on_escalation = 1, "rollback_skip"
+    rolled = run_single(roll)
+    reference = _cfg(tiny_cfg, tmp_path, "ref")
+    reference.spike.skip_steps = ["5-7"]  # the window after checkpoint 4, up to the bad step
+    ref = run_single(reference)
+    assert rolled["final_step"] == 12 and ref["skipped"] == [5, 6, 7]
+    for step in range(8, 13):
+        assert rolled["loss_by_step"][step] == ref["loss_by_step"][step]
+    log = _skip_log(roll)
+    assert [e["step"] for e in log if e.get("rolled_back")] == [7]
+    assert [e["step"] for e in log if e["reason"] == "rolled-back window"] == [5, 6, 7]
+
+
+def test_persistent_nan_stops_the_run_with_saved_state(tiny_cfg, tmp_path):
+    stop = _cfg(tiny_cfg, tmp_path, "stop")
+    stop.spike.inject = {str(s): "nan" for s in range(3, 13)}
+    stop.spike.escalate_after = 3
+    out = run_single(stop)
+    assert out["failed"] and "loss spikes" in out["stopped"] and out["final_step"] == 5
+    assert (Path(stop.run_dir) / "checkpoints" / "step_00000005").is_dir()
+
+
+@pytest.mark.distributed
+def test_decision_identical_on_all_data_parallel_ranks(tiny_cfg, tmp_path):
+    cfg = _cfg(tiny_cfg, tmp_path, "dp")
+    cfg.spike.inject = {"11": "spike"}
+    summaries = run_distributed(cfg, 2, all_ranks=True)
+    assert summaries[0]["skipped"] == summaries[1]["skipped"] == [11]
+    assert summaries[0]["loss_by_step"] == summaries[1]["loss_by_step"]
