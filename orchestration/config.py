@@ -10,6 +10,7 @@ string where an int belongs fails with the key's path). Nothing else reads raw c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -115,7 +116,8 @@ class StageConfig:
     """One stage of a curriculum; unset fields inherit the run's top-level values."""
 
     name: str = "main"
-    data: DataConfig | None = None
+    mix: str | None = None  # a data mix by name (conf/data/<mix>.yaml) ...
+    data: DataConfig | None = None  # ... or inline; neither: the run's top-level `data`
     train_tokens: int | None = None
     max_steps: int | None = None
     global_batch_size: int | None = None
@@ -225,6 +227,19 @@ def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def load_data_mix(name: str, conf_dir: Path = CONF_DIR) -> DataConfig:
+    """``conf/data/<name>.yaml`` as a typed DataConfig (for stages that name their mix)."""
+    path = conf_dir / "data" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (conf_dir / "data").glob("*.yaml"))
+        raise ConfigError(f"stage mix '{name}': no {path}; known mixes: {known}")
+    merged = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 class ConfigError(ValueError):

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     shares = compute_mix([{"name": n, "path": p, "multiplier": m} for n, p, m in
                           _demo_sources(demo.prefixes)])
     paths, weights = blend_for_megatron(shares)
-    entropy = unigram_entropy(demo.prefixes, {s.name: w for s, w in zip(shares, weights)})
+    entropy = unigram_entropy(demo.prefixes, {s.name: w for s, w in zip(shares, weights, strict=False)})
     print(f"unigram entropy of the demo mix: {entropy:.3f} nats", flush=True)
 
     run_dir = Path("runs/demo")

@@ -42,13 +42,14 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 def run_config_candidates(ckpt: Path) -> list[Path]:
     """Where a checkpoint's run config lives, best first.
 
-    The run record's copy (newest job start) was resolved when the run started, so it holds
+    A checkpoint may carry its own ``run_config.yaml`` (averaged checkpoints do). The run
+    record's copy (newest job start) was resolved when the run started, so it holds
     the paths and values training used; Hydra's ``.hydra/config.yaml`` is unresolved
     (``${hydra:...}``, ``${oc.env:...}``) and is resolved here, against today's environment.
     """
     run_dir = Path(ckpt).resolve().parent.parent
     records = sorted((run_dir / "record").glob("*/config.yaml"), key=lambda p: p.parent.name)
-    return [*reversed(records), run_dir / ".hydra" / "config.yaml"]
+    return [Path(ckpt) / "run_config.yaml", *reversed(records), run_dir / ".hydra" / "config.yaml"]
 
 
 def load_run_config(ckpt: Path, override: Path | None = None) -> RunConfig:
@@ -152,7 +153,8 @@ def sentencepiece_to_tokenizers(model_file: Path):
     tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
     dec = [decoders.Replace("\u2581", " ")]
     if ts.byte_fallback:
-        dec += [decoders.ByteFallback(), decoders.Fuse()]
+        dec.append(decoders.ByteFallback())
+    dec.append(decoders.Fuse())  # one string, so Strip drops only the dummy prefix's space
     if ns.add_dummy_prefix:
         dec.append(decoders.Strip(content=" ", left=1))
     tok.decoder = decoders.Sequence(dec)
@@ -209,18 +211,22 @@ def check_llama_compatible(m: ModelConfig) -> None:
         raise UnsupportedArchitecture("cannot export to LlamaForCausalLM: " + "; ".join(bad))
 
 
-def init_single_process() -> None:
+def init_single_process(seed: int = 1234) -> None:
     """This process as a 1-rank gloo world with TP=PP=1 (reused if it already is one)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     from megatron_patches import cpu_compat
+    from orchestration.distributed import seed_everything
 
     cpu_compat.enable(force=True)  # export always runs on CPU
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
+    if not get_cuda_rng_tracker().get_states():  # attention forks it even without dropout
+        seed_everything(seed)
     sizes = (dist.get_world_size(), parallel_state.get_tensor_model_parallel_world_size(),
              parallel_state.get_pipeline_model_parallel_world_size())
     if sizes != (1, 1, 1):
@@ -308,6 +314,7 @@ def export(ckpt: Path, out: Path, run_config: Path | None = None,
     tied = "lm_head.weight" not in weights
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
     try:
         special = write_tokenizer(cfg, tmp)
         vocab = weights["model.embed_tokens.weight"].shape[0]
@@ -339,6 +346,7 @@ def _write_safetensors(path: Path, weights: dict[str, torch.Tensor], dtype: torc
     tensors = {k: v.to(dtype).contiguous().clone() for k, v in weights.items()}
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata={"format": "pt"})
+    os.chmod(partial, 0o644)
     os.replace(partial, path)
 
 

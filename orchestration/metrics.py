@@ -26,7 +26,7 @@ class MetricsLogger:
         self._wandb = None
         if not enabled:
             return
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: survives a kill
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 -- open for the run
         if cfg.wandb_mode != "disabled":
             self._wandb = _start_wandb(run_dir, cfg, run_name, config)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestration.config import DataConfig, OptimConfig, RunConfig
+from orchestration.config import DataConfig, OptimConfig, RunConfig, load_data_mix
 from orchestration.schedule import lr_at
 
 
@@ -54,7 +54,8 @@ def plan_stages(cfg: RunConfig) -> list[Stage]:
             steps = sc.max_steps
         else:
             raise ValueError(f"stages[{i}] ({sc.name}): set train_tokens or max_steps")
-        stages.append(Stage(i, sc.name, sc.data or cfg.data, sc.optim or cfg.optim, gbs, seq,
+        data = load_data_mix(sc.mix) if sc.mix else (sc.data or cfg.data)
+        stages.append(Stage(i, sc.name, data, sc.optim or cfg.optim, gbs, seq,
                             steps, start, sc.ramp_off_steps, sc.ramp_off_lr))
         start += steps
     return stages

@@ -31,6 +31,10 @@ def run(cfg: RunConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     objects = build_training(cfg)
+    if objects.dist.is_main:
+        from orchestration.stages import format_plan
+
+        log.info("training plan:\n%s", format_plan(objects.stages))
     try:
         trainer = Trainer(cfg, objects, default_callbacks(cfg, objects))
         results = trainer.fit()
@@ -109,6 +113,8 @@ def _configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
         format=f"%(asctime)s [r{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    # Megatron logs every bucket's parameter list at INFO; keep its warnings only.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def test_zscore_rule_waits_for_history_then_flags_outliers():
     monitor = SeriesMonitor("loss", SpikeConfig(window=32, threshold=6.0, min_history=16))
     rng = random.Random(0)
     flagged = []
-    for i in range(200):
+    for _i in range(200):
         value = 3.0 + rng.gauss(0, 0.05)
         verdict = monitor.check(value)
         flagged.append(verdict.spike)

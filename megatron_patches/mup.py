@@ -1,0 +1,112 @@
+"""Maximal update parametrization (muP) on Megatron-Core, without forking its optimizer.
+
+Rules implemented (Tensor Programs V, Yang et al. 2022, arXiv 2203.03466, Table 3, Adam), with
+width multiplier ``m = hidden_size / mup.base_width``:
+
+| parameters | init std | Adam LR | forward multiplier |
+| --- | --- | --- | --- |
+| input embedding | ``embedding_init_std`` (width-independent) | base | ``embedding_multiplier`` |
+| hidden matrices (QKV, attention out, MLP in/out) | ``init_method_std / sqrt(m)`` | base / m | 1 |
+| residual output projections (attention out, MLP out) | hidden std / sqrt(2 * layers) | base / m | 1 |
+| output layer (unembedding) | like hidden matrices | base | logits x ``output_multiplier / m`` |
+| norms, biases | 1 / 0 | base, no weight decay | 1 |
+
+Attention scores are scaled by ``1 / d_head ** attention_scale_power`` (1.0 under muP instead of
+0.5). With ``scale_adam_eps`` Adam's epsilon is divided by ``m`` for the hidden matrices too, as
+upstream Megatron-LM's muP does, so that updates stay width-independent when gradients shrink.
+Initialisation uses truncated normals (at two standard deviations), as Cerebras/Crystal did.
+
+Where it hooks in (extension points, no monkey-patching):
+- ``TransformerConfig``: ``softmax_scale`` and the three init methods (:func:`mup_transformer_kwargs`).
+- The built ``GPTModel``: forward hooks on ``embedding`` and ``output_layer`` apply the two
+  multipliers (:func:`apply_mup_to_model`).
+- ``get_megatron_optimizer(config_overrides=...)``: one ``ParamKey`` for hidden matrices sets the
+  group's ``lr_mult`` (which ``orchestration.schedule.apply_lr`` honours) and ``eps``.
+
+megatron-core 0.16.1 has no muP; upstream added ``use_mup`` and friends later. The rules above
+are the same, so moving to upstream's fields must not change a model (the export test folds the
+multipliers into plain weights and checks the logits).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+
+HIDDEN_MATRICES = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight",
+                   "linear_fc2.weight")
+
+
+def width_multiplier(cfg) -> float:
+    return cfg.model.hidden_size / cfg.mup.base_width
+
+
+def init_stds(cfg) -> dict[str, float]:
+    """Init standard deviations: explicit ``mup.*_init_std`` values win over the derived ones."""
+    mup, model = cfg.mup, cfg.model
+    hidden = mup.hidden_init_std or model.init_method_std / math.sqrt(width_multiplier(cfg))
+    return {
+        "embedding": mup.embedding_init_std or model.init_method_std,
+        "hidden": hidden,
+        "output_proj": mup.output_proj_init_std or hidden / math.sqrt(2 * model.num_layers),
+    }
+
+
+def _truncated_normal(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+def truncated_normal_init(std: float):
+    return functools.partial(_truncated_normal, std=std)
+
+
+def mup_transformer_kwargs(cfg) -> dict:
+    """``TransformerConfig`` fields for muP: attention scale and initialisation."""
+    stds = init_stds(cfg)
+    head_dim = cfg.model.hidden_size // cfg.model.num_attention_heads
+    return {
+        "softmax_scale": head_dim ** -cfg.mup.attention_scale_power,
+        "init_method": truncated_normal_init(stds["hidden"]),
+        "output_layer_init_method": truncated_normal_init(stds["output_proj"]),
+        "embedding_init_method": truncated_normal_init(stds["embedding"]),
+        "embedding_init_method_std": stds["embedding"],
+    }
+
+
+def _scale_output(multiplier: float, _module, _inputs, output):
+    if isinstance(output, tuple):  # Megatron linears return (output, bias)
+        return (output[0] * multiplier, *output[1:])
+    return output * multiplier
+
+
+def apply_mup_to_model(model, cfg) -> None:
+    """Register the input-embedding and output-logit multipliers as forward hooks."""
+    m = width_multiplier(cfg)
+    if getattr(model, "pre_process", False) and cfg.mup.embedding_multiplier != 1.0:
+        model.embedding.register_forward_hook(
+            functools.partial(_scale_output, cfg.mup.embedding_multiplier))
+    if getattr(model, "post_process", False):
+        model.output_layer.register_forward_hook(
+            functools.partial(_scale_output, cfg.mup.output_multiplier / m))
+
+
+def _is_hidden_matrix(_param, name: str) -> bool:
+    return name.endswith(HIDDEN_MATRICES)
+
+
+def mup_param_group_overrides(cfg, optimizer_config: OptimizerConfig) -> dict:
+    """Megatron's standard groups (no weight decay on norms and biases) plus the hidden-matrix
+    group with its LR (and epsilon) divided by the width multiplier."""
+    from megatron.core.optimizer import get_standard_config_overrides
+
+    m = width_multiplier(cfg)
+    hidden = {"lr_mult": 1.0 / m}
+    if cfg.mup.scale_adam_eps:
+        hidden["eps"] = optimizer_config.adam_eps / m
+    key = ParamKey(with_name_predicate=ParamWithNamePredicate(name="mup_hidden",
+                                                              fn=_is_hidden_matrix))
+    return {**get_standard_config_overrides(optimizer_config), key: hidden}
