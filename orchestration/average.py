@@ -28,16 +28,18 @@ from orchestration import checkpoint as ckpt
 log = logging.getLogger(__name__)
 
 
-def select_checkpoints(run_dir: Path, last: int | None = None,
-                       steps: list[int] | None = None) -> list[Path]:
+def select_checkpoints(
+    run_dir: Path, last: int | None = None, steps: list[int] | None = None
+) -> list[Path]:
     """The checkpoints to average, oldest first: the newest ``last`` or exactly ``steps``."""
     found = ckpt.complete_checkpoints(ckpt.checkpoint_dir(run_dir))
     by_step = {ckpt.read_metadata(p)["step"]: p for p in found}
     if steps is not None:
         missing = sorted(set(steps) - set(by_step))
         if missing:
-            raise FileNotFoundError(f"{run_dir}: no complete checkpoint for steps {missing} "
-                                    f"(have {sorted(by_step)})")
+            raise FileNotFoundError(
+                f"{run_dir}: no complete checkpoint for steps {missing} (have {sorted(by_step)})"
+            )
         return [by_step[s] for s in sorted(set(steps))]
     if not last or last < 1 or last > len(found):
         raise ValueError(f"--last {last}: {run_dir} has {len(found)} complete checkpoints")
@@ -54,8 +56,9 @@ def average_weights(k: int, ema: float | None = None) -> list[float]:
     return [w / sum(raw) for w in raw]
 
 
-def average(paths: list[Path], weights: list[float], out: Path,
-            run_config: Path | None = None) -> Path:
+def average(
+    paths: list[Path], weights: list[float], out: Path, run_config: Path | None = None
+) -> Path:
     """Write the weighted average of the checkpoints ``paths`` to the checkpoint dir ``out``."""
     from megatron.core import dist_checkpointing
 
@@ -80,10 +83,16 @@ def average(paths: list[Path], weights: list[float], out: Path,
     trainer_state = {"step": steps[-1], "averaged_from": steps}
     dist_checkpointing.save(ckpt.sharded_state(model, None, trainer_state, False, False), str(tmp))
     _write_run_config(cfg, tmp / "run_config.yaml")
-    info = {"step": steps[-1], "time": time.time(), "has_optimizer": False,
-            "layout": {"tp": 1, "pp": 1, "dp": 1, "world": 1},
-            "averaged_from": [{"path": str(p.resolve()), "step": s, "weight": w}
-                              for p, s, w in zip(paths, steps, weights, strict=True)]}
+    info = {
+        "step": steps[-1],
+        "time": time.time(),
+        "has_optimizer": False,
+        "layout": {"tp": 1, "pp": 1, "dp": 1, "world": 1},
+        "averaged_from": [
+            {"path": str(p.resolve()), "step": s, "weight": w}
+            for p, s, w in zip(paths, steps, weights, strict=True)
+        ],
+    }
     (tmp / "checkpoint_info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     if out.exists():
         shutil.rmtree(out)

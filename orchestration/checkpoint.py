@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException subclass
 
 from megatron_patches.optimizer_state import ensure_adam_state, restore_adam_steps
 from orchestration.distributed import comm_device
@@ -181,7 +182,7 @@ def load_latest(root: Path, load_fn: Callable[[Path], dict]) -> tuple[Path, dict
             trainer_state = load_fn(path)
         except LayoutChangeError:
             raise  # a config problem, not a damaged checkpoint: don't fall back silently
-        except Exception as err:  # a corrupt shard, a truncated file, a missing rank's data
+        except (Exception, CheckpointException) as err:  # corrupt or truncated shard, ...
             error = err
         if _all_ranks_ok(error is None):
             return path, trainer_state

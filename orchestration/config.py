@@ -189,6 +189,9 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cuda | cpu
     distributed_timeout_s: int = 600
     peak_flops_per_gpu: float | None = None  # for MFU; detected for known GPUs when unset
+    # Fault drill for testing recovery: "stall:rank=R,step=S,seconds=T" sleeps rank R before
+    # step S (1-based), as a hung GPU or a stuck filesystem read would.
+    fault_drill: str | None = None
     deterministic: bool = True
 
 

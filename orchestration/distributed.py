@@ -62,7 +62,7 @@ def init_distributed(cfg: RunConfig) -> DistInfo:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor,
         pipeline_model_parallel_size=cfg.parallel.pipeline,
-        distributed_timeout_minutes=max(1, cfg.runtime.distributed_timeout_s // 60))
+        distributed_timeout_minutes=cfg.runtime.distributed_timeout_s / 60)
     seed_everything(cfg.train.seed)
     if on_cpu and cfg.runtime.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

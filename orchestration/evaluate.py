@@ -55,8 +55,13 @@ def _absolute(files: Any, base: Path) -> Any:
     return str((base / files).resolve()) if "://" not in str(files) else files
 
 
-def evaluate(hf_dir: Path, tasks: list[str], limit: int | None = None,
-             include: list[Path] | None = None, batch_size: int = 1) -> dict[str, Any]:
+def evaluate(
+    hf_dir: Path,
+    tasks: list[str],
+    limit: int | None = None,
+    include: list[Path] | None = None,
+    batch_size: int = 1,
+) -> dict[str, Any]:
     """lm-eval's results for ``tasks`` on the exported model: ``{"results": {task: ...}}``."""
     os.environ.update(OFFLINE)
     import lm_eval
@@ -65,15 +70,27 @@ def evaluate(hf_dir: Path, tasks: list[str], limit: int | None = None,
     with tempfile.TemporaryDirectory(prefix="eval_tasks_") as tmp:
         task_dir, local = resolved_task_dir([TASK_DIR, *(include or [])], Path(tmp))
         # The built-in task index is large and mostly needs downloads: scan it only on demand.
-        manager = TaskManager(include_path=str(task_dir),
-                              include_defaults=not set(tasks) <= local)
+        manager = TaskManager(include_path=str(task_dir), include_defaults=not set(tasks) <= local)
         out = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(hf_dir), "dtype": "float32"},
-            tasks=tasks, device="cpu", batch_size=batch_size, limit=limit,
-            task_manager=manager, bootstrap_iters=0, log_samples=False)
-    return {"model": str(hf_dir), "tasks": tasks, "limit": limit,
-            "results": out["results"], "versions": out.get("versions", {}),
-            "n_samples": out.get("n-samples", {}), "export": _export_info(hf_dir)}
+            model="hf",
+            model_args={"pretrained": str(hf_dir), "dtype": "float32"},
+            tasks=tasks,
+            device="cpu",
+            batch_size=batch_size,
+            limit=limit,
+            task_manager=manager,
+            bootstrap_iters=0,
+            log_samples=False,
+        )
+    return {
+        "model": str(hf_dir),
+        "tasks": tasks,
+        "limit": limit,
+        "results": out["results"],
+        "versions": out.get("versions", {}),
+        "n_samples": out.get("n-samples", {}),
+        "export": _export_info(hf_dir),
+    }
 
 
 def metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -82,22 +99,32 @@ def metrics(result: dict[str, Any]) -> dict[str, float]:
     for task, values in result["results"].items():
         for key, value in values.items():
             name, _, _ = key.partition(",")
-            if isinstance(value, (int, float)) and not name.endswith("_stderr"):
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric and not name.endswith("_stderr") and name != "sample_len":
                 flat[f"{task}/{name}"] = float(value)
     return flat
 
 
 def default_output(hf_dir: Path) -> Path:
-    """``<run_dir>/eval/<step dir>.json`` for an exported checkpoint, else in ``hf_dir``."""
+    """Next to the exported checkpoint: ``<run_dir>/eval/<step dir>.json`` for a run's own,
+    ``<ckpt>.eval.json`` beside any other (an averaged one); else inside ``hf_dir``."""
     ckpt = _export_info(hf_dir).get("checkpoint")
-    if ckpt:
-        return Path(ckpt).parent.parent / "eval" / f"{Path(ckpt).name}.json"
-    return Path(hf_dir) / "eval_results.json"
+    if not ckpt:
+        return Path(hf_dir) / "eval_results.json"
+    ckpt = Path(ckpt)
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent / "eval" / f"{ckpt.name}.json"
+    return ckpt.with_name(f"{ckpt.name}.eval.json")
 
 
-def evaluate_run(run_dir: Path, tasks: list[str], limit: int | None = None,
-                 include: list[Path] | None = None, cache_dir: Path | None = None,
-                 keep_exports: bool = False) -> list[dict[str, Any]]:
+def evaluate_run(
+    run_dir: Path,
+    tasks: list[str],
+    limit: int | None = None,
+    include: list[Path] | None = None,
+    cache_dir: Path | None = None,
+    keep_exports: bool = False,
+) -> list[dict[str, Any]]:
     """Export and score every complete checkpoint of ``run_dir``; write the step table.
 
     A step whose results file already holds the same tasks and limit is not re-run.
@@ -118,6 +145,8 @@ def evaluate_run(run_dir: Path, tasks: list[str], limit: int | None = None,
             if not keep_exports:
                 shutil.rmtree(hf_dir, ignore_errors=True)
         rows.append({"step": read_metadata(ckpt)["step"], **metrics(result)})
+    if not keep_exports and cache.is_dir() and not any(cache.iterdir()):
+        cache.rmdir()
     write_table(rows, eval_dir / "benchmarks")
     return rows
 
@@ -161,13 +190,22 @@ def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("hf_dir", type=Path, nargs="?", help="an exported Hugging Face folder")
-    p.add_argument("--all-checkpoints", type=Path, metavar="RUN_DIR",
-                   help="export and evaluate every checkpoint of this run")
+    p.add_argument(
+        "--all-checkpoints",
+        type=Path,
+        metavar="RUN_DIR",
+        help="export and evaluate every checkpoint of this run",
+    )
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--output", type=Path, help="results JSON (default: <run_dir>/eval/)")
     p.add_argument("--limit", type=int, help="score only the first N documents per task")
-    p.add_argument("--include", type=Path, action="append", default=[],
-                   help="another directory of lm-eval task YAMLs (repeatable)")
+    p.add_argument(
+        "--include",
+        type=Path,
+        action="append",
+        default=[],
+        help="another directory of lm-eval task YAMLs (repeatable)",
+    )
     p.add_argument("--cache-dir", type=Path, help="where --all-checkpoints exports to")
     p.add_argument("--keep-exports", action="store_true", help="keep --all-checkpoints exports")
     args = p.parse_args(argv)
@@ -175,8 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     if (args.hf_dir is None) == (args.all_checkpoints is None):
         p.error("give either HF_DIR or --all-checkpoints RUN_DIR")
     if args.all_checkpoints:
-        evaluate_run(args.all_checkpoints, tasks, args.limit, args.include,
-                            args.cache_dir, args.keep_exports)
+        evaluate_run(
+            args.all_checkpoints, tasks, args.limit, args.include, args.cache_dir, args.keep_exports
+        )
         print((args.all_checkpoints / "eval" / "benchmarks.md").read_text(), end="")
         return
     result = evaluate(args.hf_dir, tasks, args.limit, args.include)

@@ -68,8 +68,9 @@ def load_run_config(ckpt: Path, override: Path | None = None) -> RunConfig:
         except Exception as err:  # an interpolation that only resolves inside Hydra
             errors.append(f"{path}: {err}")
     tried = ", ".join(str(p) for p in candidates)
-    raise FileNotFoundError(f"no usable run config for {ckpt} (tried {tried}; {errors}); "
-                            "pass --run-config PATH")
+    raise FileNotFoundError(
+        f"no usable run config for {ckpt} (tried {tried}; {errors}); pass --run-config PATH"
+    )
 
 
 def resolve_path(path: str) -> Path:
@@ -98,9 +99,11 @@ def mup_factors(cfg: RunConfig) -> MupFactors:
         return MupFactors()
     m = cfg.model
     head_dim = m.hidden_size // m.num_attention_heads
-    return MupFactors(embedding=mup.embedding_multiplier,
-                      logits=mup.output_multiplier * mup.base_width / m.hidden_size,
-                      query=head_dim ** (0.5 - mup.attention_scale_power))
+    return MupFactors(
+        embedding=mup.embedding_multiplier,
+        logits=mup.output_multiplier * mup.base_width / m.hidden_size,
+        query=head_dim ** (0.5 - mup.attention_scale_power),
+    )
 
 
 def fold_mup(weights: dict[str, torch.Tensor], f: MupFactors) -> dict[str, torch.Tensor]:
@@ -140,8 +143,13 @@ def sentencepiece_to_tokenizers(model_file: Path):
     elif ts.model_type == 2:  # bpe
         vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
         normal = [p.piece for p in proto.pieces if p.type == 1]
-        model = BPE(vocab, _bpe_merges(normal, vocab), unk_token=ts.unk_piece, fuse_unk=True,
-                    byte_fallback=ts.byte_fallback)
+        model = BPE(
+            vocab,
+            _bpe_merges(normal, vocab),
+            unk_token=ts.unk_piece,
+            fuse_unk=True,
+            byte_fallback=ts.byte_fallback,
+        )
     else:
         raise ValueError(f"{model_file}: sentencepiece model_type {ts.model_type} unsupported")
     tok = Tokenizer(model)
@@ -158,8 +166,9 @@ def sentencepiece_to_tokenizers(model_file: Path):
     if ns.add_dummy_prefix:
         dec.append(decoders.Strip(content=" ", left=1))
     tok.decoder = decoders.Sequence(dec)
-    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
-                            for p in proto.pieces if p.type == 3])
+    tok.add_special_tokens(
+        [AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces if p.type == 3]
+    )
     tok.add_tokens([AddedToken(p.piece, normalized=False) for p in proto.pieces if p.type == 4])
     return tok
 
@@ -168,8 +177,11 @@ def _bpe_merges(pieces: list[str], vocab: dict[str, int]) -> list[tuple[str, str
     """Every split of a piece into two pieces, ranked by the merged piece's id (its score)."""
     merges = []
     for piece in sorted(pieces, key=vocab.__getitem__):
-        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece))
-                  if piece[:i] in vocab and piece[i:] in vocab]
+        splits = [
+            (piece[:i], piece[i:])
+            for i in range(1, len(piece))
+            if piece[:i] in vocab and piece[i:] in vocab
+        ]
         merges += sorted(splits, key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
     return merges
 
@@ -186,11 +198,19 @@ def write_tokenizer(cfg: RunConfig, out: Path) -> dict[str, int]:
     ids = {k: v for k, v in ids.items() if v >= 0}
     tokens = {f"{k}_token": sp.id_to_piece(v) for k, v in ids.items()}
     _write_json(out / "special_tokens_map.json", tokens)
-    _write_json(out / "tokenizer_config.json", {
-        # Training data has no BOS (documents end in EOD), so neither do encoded prompts.
-        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False,
-        "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": False,
-        "model_max_length": cfg.model.seq_length, **tokens})
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            # Training data has no BOS (documents end in EOD), so neither do encoded prompts.
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "legacy": False,
+            "model_max_length": cfg.model.seq_length,
+            **tokens,
+        },
+    )
     return ids
 
 
@@ -203,10 +223,18 @@ class UnsupportedArchitecture(ValueError):
 
 def check_llama_compatible(m: ModelConfig) -> None:
     """Raise naming each model field that LlamaForCausalLM cannot express."""
-    wanted = {"normalization": "RMSNorm", "activation": "swiglu", "add_bias_linear": False,
-              "position_embedding": "rope", "rotary_percent": 1.0}
-    bad = [f"model.{k}={getattr(m, k)!r} (Llama needs {v!r})" for k, v in wanted.items()
-           if getattr(m, k) != v]
+    wanted = {
+        "normalization": "RMSNorm",
+        "activation": "swiglu",
+        "add_bias_linear": False,
+        "position_embedding": "rope",
+        "rotary_percent": 1.0,
+    }
+    bad = [
+        f"model.{k}={getattr(m, k)!r} (Llama needs {v!r})"
+        for k, v in wanted.items()
+        if getattr(m, k) != v
+    ]
     if bad:
         raise UnsupportedArchitecture("cannot export to LlamaForCausalLM: " + "; ".join(bad))
 
@@ -227,8 +255,11 @@ def init_single_process(seed: int = 1234) -> None:
         parallel_state.initialize_model_parallel(1, 1)
     if not get_cuda_rng_tracker().get_states():  # attention forks it even without dropout
         seed_everything(seed)
-    sizes = (dist.get_world_size(), parallel_state.get_tensor_model_parallel_world_size(),
-             parallel_state.get_pipeline_model_parallel_world_size())
+    sizes = (
+        dist.get_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
     if sizes != (1, 1, 1):
         raise RuntimeError(f"export needs a 1-process TP=PP=1 world, found world/tp/pp={sizes}")
 
@@ -256,23 +287,29 @@ def load_megatron_weights(ckpt: Path, cfg: RunConfig) -> dict[str, torch.Tensor]
     saved_tp = int(checkpoint.read_metadata(ckpt).get("layout", {}).get("tp", 1))
     model = build_cpu_model(cfg, saved_tp)
     checkpoint.load(ckpt, model, None, with_optimizer=False)
-    return {k: v.detach() for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    return {
+        k: v.detach()
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
 
 
 def megatron_to_llama(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
     """Rename and split Megatron's fused tensors into Llama's (no rescaling here)."""
     heads, groups, hidden = m.num_attention_heads, m.num_query_groups, m.hidden_size
     head_dim, per_group = hidden // heads, heads // groups
-    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
-           "model.norm.weight": sd["decoder.final_layernorm.weight"]}
+    out = {
+        "model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
+        "model.norm.weight": sd["decoder.final_layernorm.weight"],
+    }
     if "output_layer.weight" in sd and not m.tie_embeddings:
         out["lm_head.weight"] = sd["output_layer.weight"]
     for i in range(m.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         # Rows are grouped per query group: [per_group query heads, 1 key, 1 value] x head_dim.
         qkv = sd[src + "self_attention.linear_qkv.weight"].view(
-            groups, per_group + 2, head_dim, hidden)
+            groups, per_group + 2, head_dim, hidden
+        )
         out[dst + "self_attn.q_proj.weight"] = qkv[:, :per_group].reshape(-1, hidden)
         out[dst + "self_attn.k_proj.weight"] = qkv[:, per_group].reshape(-1, hidden)
         out[dst + "self_attn.v_proj.weight"] = qkv[:, per_group + 1].reshape(-1, hidden)
@@ -285,25 +322,37 @@ def megatron_to_llama(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, 
     return out
 
 
-def llama_config(cfg: RunConfig, vocab: int, tied: bool, dtype: str,
-                 special: dict[str, int]) -> dict:
+def llama_config(
+    cfg: RunConfig, vocab: int, tied: bool, dtype: str, special: dict[str, int]
+) -> dict:
     """config.json contents (LlamaConfig's fields; read by transformers 4.45+ and 5)."""
     m = cfg.model
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": vocab, "hidden_size": m.hidden_size,
-            "intermediate_size": m.ffn_hidden_size, "num_hidden_layers": m.num_layers,
-            "num_attention_heads": m.num_attention_heads,
-            "num_key_value_heads": m.num_query_groups,
-            "head_dim": m.hidden_size // m.num_attention_heads, "hidden_act": "silu",
-            "max_position_embeddings": m.seq_length, "rms_norm_eps": m.norm_epsilon,
-            "rope_theta": float(m.rotary_base), "attention_bias": False, "mlp_bias": False,
-            "attention_dropout": 0.0, "initializer_range": m.init_method_std,
-            "tie_word_embeddings": tied, "torch_dtype": dtype, "use_cache": True,
-            **{f"{k}_token_id": v for k, v in special.items() if k in ("bos", "eos", "pad")}}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups,
+        "head_dim": m.hidden_size // m.num_attention_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.seq_length,
+        "rms_norm_eps": m.norm_epsilon,
+        "rope_theta": float(m.rotary_base),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": m.init_method_std,
+        "tie_word_embeddings": tied,
+        "torch_dtype": dtype,
+        "use_cache": True,
+        **{f"{k}_token_id": v for k, v in special.items() if k in ("bos", "eos", "pad")},
+    }
 
 
-def export(ckpt: Path, out: Path, run_config: Path | None = None,
-           dtype: str = "float32") -> Path:
+def export(ckpt: Path, out: Path, run_config: Path | None = None, dtype: str = "float32") -> Path:
     """Write the HF folder ``out`` for checkpoint ``ckpt``; return ``out``."""
     ckpt, out = Path(ckpt).resolve(), Path(out)
     cfg = load_run_config(ckpt, run_config)
@@ -336,8 +385,12 @@ def export(ckpt: Path, out: Path, run_config: Path | None = None,
 def _provenance(ckpt: Path, cfg: RunConfig, factors: MupFactors) -> dict:
     from orchestration.checkpoint import read_metadata
 
-    return {"checkpoint": str(ckpt), "step": read_metadata(ckpt).get("step"),
-            "run_name": cfg.name, "mup_folded": factors.__dict__}
+    return {
+        "checkpoint": str(ckpt),
+        "step": read_metadata(ckpt).get("step"),
+        "run_name": cfg.name,
+        "mup_folded": factors.__dict__,
+    }
 
 
 def _write_safetensors(path: Path, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
@@ -358,8 +411,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="a step_XXXXXXXX checkpoint directory")
     p.add_argument("out", type=Path, help="the Hugging Face folder to write")
-    p.add_argument("--run-config", type=Path, default=None,
-                   help="run config YAML (default: the run's record/*/config.yaml or .hydra)")
+    p.add_argument(
+        "--run-config",
+        type=Path,
+        default=None,
+        help="run config YAML (default: the run's record/*/config.yaml or .hydra)",
+    )
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

@@ -25,8 +25,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def greedy_generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
-                    eod_id: int | None = None, vocab_size: int | None = None) -> list[int]:
+def greedy_generate(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    eod_id: int | None = None,
+    vocab_size: int | None = None,
+) -> list[int]:
     """The ``max_new_tokens`` (fewer if ``eod_id`` comes; it is not returned) most likely
     next tokens after ``prompt_ids``. ``vocab_size`` excludes the padded embedding rows.
 
@@ -38,8 +43,10 @@ def greedy_generate(model: torch.nn.Module, prompt_ids: list[int], max_new_token
     from orchestration.model import unwrap
 
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        raise NotImplementedError("greedy_generate runs the whole model in one forward: "
-                                  "pipeline parallelism (parallel.pipeline > 1) is unsupported")
+        raise NotImplementedError(
+            "greedy_generate runs the whole model in one forward: "
+            "pipeline parallelism (parallel.pipeline > 1) is unsupported"
+        )
     if not prompt_ids:
         raise ValueError("greedy_generate needs at least one prompt token")
     gpt = unwrap(model)
@@ -49,7 +56,7 @@ def greedy_generate(model: torch.nn.Module, prompt_ids: list[int], max_new_token
     try:
         with torch.no_grad():
             for _ in range(max_new_tokens):
-                next_id = _next_token(gpt, tokens[-gpt.max_sequence_length:], vocab_size)
+                next_id = _next_token(gpt, tokens[-gpt.max_sequence_length :], vocab_size)
                 if eod_id is not None and next_id == eod_id:
                     break
                 tokens.append(next_id)
@@ -91,8 +98,14 @@ class SampleGalleryCallback(Callback):
 
     name = "sample_gallery"
 
-    def __init__(self, prompts: list[str], every_steps: int = 100, max_new_tokens: int = 32,
-                 tokenizer_model: str | None = None, filename: str = "samples.jsonl") -> None:
+    def __init__(
+        self,
+        prompts: list[str],
+        every_steps: int = 100,
+        max_new_tokens: int = 32,
+        tokenizer_model: str | None = None,
+        filename: str = "samples.jsonl",
+    ) -> None:
         self.prompts = list(prompts)
         self.every_steps = every_steps
         self.max_new_tokens = max_new_tokens
@@ -113,8 +126,10 @@ class SampleGalleryCallback(Callback):
         due = self.every_steps > 0 and done % self.every_steps == 0
         if not self.prompts or not (due or done == total_steps(trainer.stages)):
             return
-        rows = [{"step": done, "prompt": p, "completion": self.complete(trainer, p)}
-                for p in self.prompts]
+        rows = [
+            {"step": done, "prompt": p, "completion": self.complete(trainer, p)}
+            for p in self.prompts
+        ]
         if _is_main():
             with open(Path(trainer.run_dir) / self.filename, "a") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -124,10 +139,15 @@ class SampleGalleryCallback(Callback):
         """The greedy completion of ``prompt`` by the trainer's model (all TP ranks call it)."""
         sp = self._sp
         ids = sp.encode(prompt) or [sp.eos_id()]  # an empty prompt starts after a document end
-        new = greedy_generate(trainer.o.model_chunks[0], ids, self.max_new_tokens,
-                              eod_id=sp.eos_id(), vocab_size=sp.get_piece_size())
+        new = greedy_generate(
+            trainer.o.model_chunks[0],
+            ids,
+            self.max_new_tokens,
+            eod_id=sp.eos_id(),
+            vocab_size=sp.get_piece_size(),
+        )
         # Decode with the prompt so the boundary's whitespace survives, then cut the prompt off.
-        return sp.decode(ids + new)[len(sp.decode(ids)):]
+        return sp.decode(ids + new)[len(sp.decode(ids)) :]
 
 
 def _is_main() -> bool:

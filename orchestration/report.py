@@ -57,19 +57,27 @@ def read_log(path: Path) -> RunLog:
                 skipped[step] = str(r["skipped"])
         elif event is None and any(k.startswith("val_loss") for k in r):
             val[step] = {**val.get(step, {}), **r}  # overall and per-source may be separate
-    return RunLog([train[s] for s in sorted(train)], [val[s] for s in sorted(val)],
-                  [stages[s] for s in sorted(stages)], dict(sorted(skipped.items())))
+    return RunLog(
+        [train[s] for s in sorted(train)],
+        [val[s] for s in sorted(val)],
+        [stages[s] for s in sorted(stages)],
+        dict(sorted(skipped.items())),
+    )
 
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _series(records: list[dict], key: str, x: str = "step",
-            skip: dict[int, str] | None = None) -> tuple[list, list]:
+def _series(
+    records: list[dict], key: str, x: str = "step", skip: dict[int, str] | None = None
+) -> tuple[list, list]:
     """(x, y) of the finite values of ``key``, leaving out the steps in ``skip``."""
-    pairs = [(r[x], r[key]) for r in records if _finite(r.get(key)) and _finite(r.get(x))
-             and r.get("step") not in (skip or {})]
+    pairs = [
+        (r[x], r[key])
+        for r in records
+        if _finite(r.get(key)) and _finite(r.get(x)) and r.get("step") not in (skip or {})
+    ]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -84,10 +92,19 @@ def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
 def _mark_stages(ax, log: RunLog, x: str = "step") -> None:
     for i, stage in enumerate(log.stages):
         if _finite(stage.get(x)):
-            ax.axvline(stage[x], color="grey", ls="--", lw=0.8,
-                       label="stage start" if i == 0 else None)
-            ax.text(stage[x], 0.99, f" {stage.get('stage', '')}", va="top", ha="left",
-                    transform=ax.get_xaxis_transform(), fontsize=7, color="dimgrey")
+            ax.axvline(
+                stage[x], color="grey", ls="--", lw=0.8, label="stage start" if i == 0 else None
+            )
+            ax.text(
+                stage[x],
+                0.99,
+                f" {stage.get('stage', '')}",
+                va="top",
+                ha="left",
+                transform=ax.get_xaxis_transform(),
+                fontsize=7,
+                color="dimgrey",
+            )
 
 
 def _mark_skips(ax, log: RunLog, key: str) -> None:
@@ -124,8 +141,15 @@ def plot_loss(log: RunLog, path: Path) -> None:
     for key in keys:
         xs, ys = _series(log.val, key)
         label = "held-out" if key == "val_loss" else "held-out " + key.split("/", 1)[-1]
-        ax.plot(xs, ys, marker="o", ms=3, lw=1.4 if key == "val_loss" else 0.9, label=label,
-                color=next(colors))
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            ms=3,
+            lw=1.4 if key == "val_loss" else 0.9,
+            label=label,
+            color=next(colors),
+        )
     ax.set(xlabel="step", ylabel="loss (nats/token)")
     _mark_stages(ax, log)
     _mark_skips(ax, log, "loss")
@@ -145,8 +169,9 @@ def plot_metric(log: RunLog, key: str, path: Path, title: str, log_y: bool = Fal
 
 def plot_throughput(log: RunLog, path: Path) -> None:
     has_mfu = any(_finite(r.get("mfu")) for r in log.train)
-    fig, axes = plt.subplots(2 if has_mfu else 1, 1, figsize=(9, 6 if has_mfu else 4),
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        2 if has_mfu else 1, 1, figsize=(9, 6 if has_mfu else 4), sharex=True, squeeze=False
+    )
     specs = [("tokens_per_s", "tokens / s"), ("mfu", "MFU")][: 2 if has_mfu else 1]
     for ax, (key, label) in zip(axes[:, 0], specs, strict=True):
         ax.plot(*_series(log.train, key, x="consumed_tokens"), lw=0.8)
@@ -163,8 +188,9 @@ def summarize(log: RunLog) -> dict[str, Any]:
     """The numbers ``summary.md`` shows; held-out ppl is exp of the held-out mean loss."""
     last = log.train[-1] if log.train else {}
     losses = _series(log.train, "loss", skip=log.skipped)[1]
-    tps = [r["tokens_per_s"] for r in log.train if _finite(r.get("tokens_per_s"))]
-    mfu = [r["mfu"] for r in log.train if _finite(r.get("mfu"))]
+    # A batch skipped before it was computed takes no time: keep it out of throughput.
+    tps = _series(log.train, "tokens_per_s", skip=log.skipped)[1]
+    mfu = _series(log.train, "mfu", skip=log.skipped)[1]
     held_out = {}
     if log.val:
         final = log.val[-1]
@@ -172,11 +198,14 @@ def summarize(log: RunLog) -> dict[str, Any]:
             name = "all" if key == "val_loss" else key.split("/", 1)[1]
             held_out[name] = {"loss": final[key], "ppl": math.exp(min(final[key], 700.0))}
     return {
-        "steps": last.get("step", 0), "consumed_tokens": last.get("consumed_tokens", 0),
+        "steps": last.get("step", 0),
+        "consumed_tokens": last.get("consumed_tokens", 0),
         "final_train_loss": losses[-1] if losses else None,
         "final_train_loss_mean10": statistics.fmean(losses[-10:]) if losses else None,
-        "held_out_step": log.val[-1]["step"] if log.val else None, "held_out": held_out,
-        "skipped": len(log.skipped), "skipped_steps": list(log.skipped)[:50],
+        "held_out_step": log.val[-1]["step"] if log.val else None,
+        "held_out": held_out,
+        "skipped": len(log.skipped),
+        "skipped_steps": list(log.skipped)[:50],
         "tokens_per_s_median": statistics.median(tps) if tps else None,
         "mfu_median": statistics.median(mfu) if mfu else None,
         "stages": [{"stage": s.get("stage"), "step": s.get("step")} for s in log.stages],
@@ -187,21 +216,35 @@ def summary_markdown(s: dict[str, Any], run_dir: Path) -> str:
     def fmt(v: Any, spec: str = ".4f") -> str:
         return "n/a" if v is None else format(v, spec)
 
-    lines = [f"# Run summary: `{run_dir}`", "", "| metric | value |", "|---|---|",
-             f"| steps | {s['steps']} |", f"| consumed tokens | {s['consumed_tokens']:,} |",
-             f"| final train loss | {fmt(s['final_train_loss'])} |",
-             f"| train loss, mean of last 10 steps | {fmt(s['final_train_loss_mean10'])} |",
-             f"| skipped batches | {s['skipped']} |",
-             f"| median tokens/s | {fmt(s['tokens_per_s_median'], ',.0f')} |",
-             f"| median MFU | {fmt(s['mfu_median'], '.1%')} |", ""]
+    lines = [
+        f"# Run summary: `{run_dir}`",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| steps | {s['steps']} |",
+        f"| consumed tokens | {s['consumed_tokens']:,} |",
+        f"| final train loss | {fmt(s['final_train_loss'])} |",
+        f"| train loss, mean of last 10 steps | {fmt(s['final_train_loss_mean10'])} |",
+        f"| skipped batches | {s['skipped']} |",
+        f"| median tokens/s | {fmt(s['tokens_per_s_median'], ',.0f')} |",
+        f"| median MFU | {fmt(s['mfu_median'], '.1%')} |",
+        "",
+    ]
     if s["held_out"]:
-        lines += [f"## Held-out (step {s['held_out_step']})", "", "| source | loss | ppl |",
-                  "|---|---|---|"]
+        lines += [
+            f"## Held-out (step {s['held_out_step']})",
+            "",
+            "| source | loss | ppl |",
+            "|---|---|---|",
+        ]
         lines += [f"| {k} | {v['loss']:.4f} | {v['ppl']:.3f} |" for k, v in s["held_out"].items()]
         lines.append("")
     if s["stages"]:
-        lines += ["## Stages", ""] + [f"- `{x['stage']}` from step {x['step']}"
-                                      for x in s["stages"]] + [""]
+        lines += (
+            ["## Stages", ""]
+            + [f"- `{x['stage']}` from step {x['step']}" for x in s["stages"]]
+            + [""]
+        )
     return "\n".join(lines)
 
 

@@ -87,7 +87,10 @@ class Trainer:
         end = total_steps(self.stages)
         while self.step < end and self.stop_requested is None:
             self._ensure_stage()
-            result = self.train_step()
+            try:
+                result = self.train_step()
+            except Exception as err:
+                raise _name_collective_failure(err, self.step + 1, self.cfg) from err
             results.append(result)
             self.step += 1
             self.callbacks.after_step(self, result)
@@ -98,6 +101,7 @@ class Trainer:
         stage, t0 = self.stage, time.perf_counter()
         lr = lr_for_step(self.cfg, self.stages, self.step)
         apply_lr(self.o.optimizer, lr, weight_decay_for_step(self.cfg, self.stages, self.step))
+        _maybe_stall(self.cfg.runtime.fault_drill, self.step + 1)
         reason = self.callbacks.before_step(self)
         if reason is not None:  # skipped without computing: replay or configured ranges
             return StepResult(self.step, stage, float("nan"), float("nan"), lr, False, reason,
@@ -228,3 +232,28 @@ def _masked_loss(loss_mask: torch.Tensor, multiplier: float, per_token_loss: tor
     count = mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
     return loss_sum, count, {"lm loss": report}
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete within ``runtime.distributed_timeout_s``."""
+
+
+def _name_collective_failure(err: Exception, step: int, cfg: RunConfig) -> Exception:
+    """Turn a backend timeout into a message naming this rank, the step and the operation."""
+    text = str(err)
+    if "timed out" not in text.lower() and "timeout" not in text.lower():
+        return err
+    detail = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+    return CollectiveTimeoutError(
+        f"rank {dist.get_rank()} of {dist.get_world_size()}: a collective timed out during step "
+        f"{step} (runtime.distributed_timeout_s={cfg.runtime.distributed_timeout_s}); another "
+        f"rank is stalled or dead. Backend said: {detail}")
+
+
+def _maybe_stall(drill: str | None, step: int) -> None:
+    if not drill or not drill.startswith("stall:"):
+        return
+    fields = dict(kv.split("=") for kv in drill[len("stall:"):].split(","))
+    if int(fields["rank"]) == dist.get_rank() and int(fields["step"]) == step:
+        log.warning("fault drill: rank %d stalls before step %d", dist.get_rank(), step)
+        time.sleep(float(fields.get("seconds", 3600)))

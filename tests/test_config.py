@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO
 from orchestration.config import ConfigError, RunConfig, register_configs, to_run_config, validate
 
 register_configs()

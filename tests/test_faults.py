@@ -1,0 +1,155 @@
+"""Fault injection: kill -9, SIGTERM/SIGUSR1, corrupt checkpoints, a stalled rank, full disk,
+and a Hydra multirun, all through the real CLI (`python -m orchestration.train`/torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture
+def cli(corpus, tmp_path):
+    """Write a `fault` experiment for the synthetic corpus and return a command builder."""
+    exp = {
+        "name": "fault",
+        "model": {"vocab_size": 256, "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
+                  "seq_length": 64},
+        "data": {"name": "synthetic", "tokenizer_model": corpus["tokenizer"], "prepare": None,
+                 "sources": [{"name": k, "path": v} for k, v in corpus["sources"].items()]},
+        "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 12,
+                  "eval_interval": 0, "log_interval": 1},
+        "optim": {"warmup_steps": 2},
+        "checkpoint": {"save_interval": 3, "keep_last": 5},
+        "logging": {"wandb_mode": "disabled"},
+        "runtime": {"device": "cpu"},
+    }
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "fault.yaml").write_text("# @package _global_\n" + yaml.safe_dump(exp))
+
+    def command(run_dir: Path, *overrides: str, nproc: int = 0) -> list[str]:
+        hydra = ["--config-dir", str(tmp_path / "conf"), "experiment=fault",
+                 f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", *overrides]
+        if nproc:
+            port = 20000 + os.getpid() % 20000
+            return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                    f"--master-port={port}", "-m", "orchestration.train", *hydra]
+        return [sys.executable, "-m", "orchestration.train", *hydra]
+
+    return command
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """Per-step loss; a step re-run after a restart keeps its last value."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def _checkpoints(run_dir: Path) -> list[str]:
+    root = run_dir / "checkpoints"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def reference(cli, tmp_path):
+    out = _run(cli(tmp_path / "reference"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return _losses(tmp_path / "reference")
+
+
+def test_kill_9_then_restart_resumes_exactly(cli, reference, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(cli(run_dir, nproc=2), cwd=REPO, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while "step_00000006" not in _checkpoints(run_dir) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and torchrun, mid-step
+    proc.wait()
+    killed_at = max(_losses(run_dir))
+    assert 6 <= killed_at < 12, "killed mid-run, after the step-6 checkpoint"
+    out = _run(cli(run_dir, nproc=2))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _losses(run_dir) == pytest.approx(reference, abs=2e-5)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_checkpoints_current_step_and_resume_continues(sig, cli, reference, tmp_path):
+    run_dir = tmp_path / sig.name
+    proc = subprocess.Popen(cli(run_dir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "metrics.jsonl").exists() or len(_losses(run_dir)) < 4:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    stopped_at = max(_losses(run_dir))
+    assert stopped_at < 12 and f"step_{stopped_at:08d}" in _checkpoints(run_dir)
+    out = _run(cli(run_dir))
+    assert out.returncode == 0 and f"resumed from" in out.stdout + out.stderr
+    assert _losses(run_dir) == reference
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(cli, reference, tmp_path):
+    run_dir = tmp_path / "corrupt"
+    out = _run(cli(run_dir, "train.exit_after_steps=9"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    newest = run_dir / "checkpoints" / "step_00000009"
+    for shard in newest.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])  # truncated mid-write
+    (run_dir / "checkpoints" / "step_00000010.tmp").mkdir()  # a save that never finished
+    out = _run(cli(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step_00000009 is unreadable" in out.stdout + out.stderr
+    assert "resumed from" in out.stdout and "step_00000006" in out.stdout
+    assert _losses(run_dir) == reference
+
+
+@pytest.mark.slow
+def test_stalled_rank_fails_within_timeout_naming_it(cli, tmp_path):
+    start = time.time()
+    out = _run(cli(tmp_path / "stall", "runtime.distributed_timeout_s=15",
+                   "runtime.fault_drill='stall:rank=1,step=4,seconds=600'", nproc=2),
+               timeout=240)
+    assert out.returncode != 0
+    assert time.time() - start < 180
+    assert "rank 0 of 2: a collective timed out during step 4" in out.stdout + out.stderr
+
+
+def test_hydra_multirun_completes_both_points(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [c for c in cli(tmp_path / "unused", "train.max_steps=3", "checkpoint.save_interval=0")
+               if not c.startswith(("run_dir=", "hydra.run.dir="))]
+    command.insert(3, "--multirun")
+    command += ["optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
+    out = _run(command)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(p for p in sweep.iterdir() if (p / "metrics.jsonl").exists())
+    assert len(runs) == 2 and all(len(_losses(r)) == 3 for r in runs)
