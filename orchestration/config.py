@@ -159,6 +159,10 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 100
     eval_iters: int = 4
+    eval_per_source: bool = True  # also report held-out loss on each source of the mix
+    sample_interval: int = 0  # greedy samples from sample_prompts every N steps (0: off)
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = 32
     skip_batches_file: str | None = None
     exit_after_steps: int | None = None  # stop (with a checkpoint) after N steps this job
     eval_only: bool = False  # evaluate the loaded/resumed weights once and exit

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,11 +70,14 @@ def blend_of(data: DataConfig) -> tuple[list[str], list[float] | None]:
 class StageDatasets:
     train: GPTDataset
     valid: GPTDataset | None
+    valid_per_source: dict[str, GPTDataset] = field(default_factory=dict)
 
 
 def build_datasets(data: DataConfig, tokenizer: TokenizerInfo, seq_length: int, seed: int,
-                   train_samples: int, valid_samples: int, cache_dir: Path) -> StageDatasets:
-    """Build (or load the cached index of) the blended train/valid datasets of one stage."""
+                   train_samples: int, valid_samples: int, cache_dir: Path,
+                   per_source: bool = False) -> StageDatasets:
+    """Build (or load the cached index of) the blended train/valid datasets of one stage, and
+    with ``per_source`` each source's own held-out set (the same documents the blend holds out)."""
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -93,7 +96,13 @@ def build_datasets(data: DataConfig, tokenizer: TokenizerInfo, seq_length: int, 
     train, valid, _ = builder.build()
     if train is None:
         raise ValueError(f"data '{data.name}': split '{data.split}' leaves no training data")
-    return StageDatasets(train=train, valid=valid)
+    held_out = {}
+    if per_source and len(data.sources) > 1 and valid is not None:
+        for source in data.sources:
+            single = replace(config, blend=([source.path], None))
+            _, held_out[source.name], _ = BlendedMegatronDatasetBuilder(
+                GPTDataset, [1, valid_samples, 0], lambda: True, single).build()
+    return StageDatasets(train=train, valid=valid, valid_per_source=held_out)
 
 
 @dataclass

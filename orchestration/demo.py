@@ -53,7 +53,35 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "orchestration.train", "experiment=demo", *overrides]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    return _report(run_dir, entropy)
+    status = _report(run_dir, entropy)
+    _export_and_sample(run_dir)
+    return status
+
+
+def _export_and_sample(run_dir: Path) -> None:
+    """Export the final checkpoint to Hugging Face format and generate from it there."""
+    from orchestration.checkpoint import checkpoint_dir, complete_checkpoints
+
+    final = complete_checkpoints(checkpoint_dir(run_dir))[-1]
+    out = run_dir / "hf"
+    cmd = [sys.executable, "-m", "orchestration.export", str(final), str(out)]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    prompt = "What is 17 plus 25?"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=32, do_sample=False)
+    print(f"exported Hugging Face model: {out}")
+    print(f"sample (greedy, transformers): {prompt!r} -> "
+          f"{tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)!r}")
+    gallery = run_dir / "samples.jsonl"
+    if gallery.exists():
+        print(f"in-training sample gallery: {gallery}")
 
 
 def _demo_sources(prefixes: dict[str, str]):

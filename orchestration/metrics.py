@@ -82,4 +82,7 @@ def format_record(r: dict[str, Any]) -> str:
         value = r.get(key)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             parts.append(f"{key} " + fmt.format(value))
+    if "val_ppl" in r:
+        parts.append(f"val_ppl {r['val_ppl']:.2f}")
+    parts += [f"{k} {v:.4f}" for k, v in r.items() if k.startswith("val_loss/")]
     return " | ".join(parts)

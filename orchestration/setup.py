@@ -116,4 +116,4 @@ def _stage_datasets(cfg: RunConfig, stage: Stage, info: DistInfo) -> StageDatase
         train_samples=stage.steps * stage.global_batch_size,
         # Every evaluation reads the same first eval_iters batches, so curves are comparable.
         valid_samples=max(cfg.train.eval_iters, 1) * stage.global_batch_size,
-        cache_dir=Path(cfg.run_dir) / "data_cache")
+        cache_dir=Path(cfg.run_dir) / "data_cache", per_source=cfg.train.eval_per_source)

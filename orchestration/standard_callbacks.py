@@ -66,11 +66,18 @@ class EvalCallback(Callback):
         interval = trainer.cfg.train.eval_interval
         done = result.step + 1
         if interval > 0 and (done % interval == 0 or done == total_steps(trainer.stages)):
-            val_loss = trainer.evaluate(trainer.cfg.train.eval_iters)
+            iters = trainer.cfg.train.eval_iters
+            val_loss = trainer.evaluate(iters)
             trainer.last_val_loss = val_loss
-            ppl = math.exp(val_loss) if val_loss < 50 else float("inf")
-            self.logger.log({"step": done, "stage": result.stage.name, "val_loss": val_loss,
-                             "val_ppl": ppl})
+            record = {"step": done, "stage": result.stage.name, "val_loss": val_loss,
+                      "val_ppl": _perplexity(val_loss)}
+            for name, dataset in trainer.data.valid_per_source.items():
+                record[f"val_loss/{name}"] = trainer.evaluate(iters, dataset)
+            self.logger.log(record)
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
 
 
 class CheckpointCallback(Callback):

@@ -73,9 +73,19 @@ def default_callbacks(cfg: RunConfig, objects) -> list:
         MetricsCallback(logger, flops_per_token(cfg.model, cfg.model.seq_length), peak,
                         objects.dist.world_size),
         EvalCallback(logger),
+        *_sample_gallery(cfg),
         CheckpointCallback(),
         PreemptionCallback(),
     ]
+
+
+def _sample_gallery(cfg: RunConfig) -> list:
+    if not (cfg.train.sample_interval and cfg.train.sample_prompts):
+        return []
+    from orchestration.generation import SampleGalleryCallback
+
+    return [SampleGalleryCallback(list(cfg.train.sample_prompts), cfg.train.sample_interval,
+                                  cfg.train.sample_tokens)]
 
 
 def _detect_peak_flops(on_cpu: bool) -> float | None:

@@ -121,16 +121,18 @@ class Trainer:
         step = self.step if step is None else step
         return self.callbacks.remap_batch(self, step - self.stage.start_step)
 
-    def evaluate(self, iters: int) -> float:
-        """Mean held-out loss over the first ``iters`` global batches of the valid split."""
+    def evaluate(self, iters: int, dataset=None) -> float:
+        """Mean held-out loss over the first ``iters`` global batches of the valid split (or of
+        ``dataset``, e.g. one source's held-out set)."""
         if self.data is None or self.data.valid is None or iters <= 0:
             return float("nan")
+        dataset = self.data.valid if dataset is None else dataset
         for chunk in self.o.model_chunks:
             chunk.eval()
         total = torch.zeros(2, dtype=torch.float64, device=comm_device())
         with torch.no_grad():
             for i in range(iters):
-                total += self._loss_sum(i, self.data.valid, forward_only=True)
+                total += self._loss_sum(i, dataset, forward_only=True)
         for chunk in self.o.model_chunks:
             chunk.train()
         dist.all_reduce(total)

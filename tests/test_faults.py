@@ -82,6 +82,7 @@ def reference(cli, tmp_path):
     return _losses(tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_kill_9_then_restart_resumes_exactly(cli, reference, tmp_path):
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(cli(run_dir, nproc=2), cwd=REPO, env=_env(), start_new_session=True,
@@ -98,6 +99,7 @@ def test_kill_9_then_restart_resumes_exactly(cli, reference, tmp_path):
     assert _losses(run_dir) == pytest.approx(reference, abs=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_checkpoints_current_step_and_resume_continues(sig, cli, reference, tmp_path):
     run_dir = tmp_path / sig.name
