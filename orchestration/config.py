@@ -178,7 +178,6 @@ class CheckpointConfig:
     # Megatron-Core 0.16 can reshard distributed-optimizer state across DP but not TP/PP. On a
     # TP/PP change the weights always load; Adam's moments restart only if this is true.
     reset_optimizer_on_reshard: bool = False
-    async_save: bool = False
 
 
 @dataclass

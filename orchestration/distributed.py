@@ -52,8 +52,10 @@ def init_distributed(cfg: RunConfig) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
+        if "RANK" not in os.environ:
+            # A plain single process: rendezvous on a fresh local port, never an inherited one
+            # (a parent's MASTER_PORT, or the previous job of a sequential Hydra multirun).
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         if not on_cpu:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(

@@ -47,11 +47,17 @@ class SkipBatchesCallback(Callback):
         self.rollback_windows: set[int] = set()
         self.deferred: dict[int, list[list[int]]] = replay_defers
         self.pending: dict[str, Any] = {}
+        self.injected: set[int] = set()
 
     # ------------------------------------------------------------------ hook points
     def before_step(self, trainer) -> str | None:
         step = trainer.step + 1
-        trainer.loss_multiplier = _INJECTIONS.get(self.cfg.inject.get(str(step), ""), 1.0)
+        # A drill's fault is transient, like a hardware glitch: a step re-run after a rollback
+        # is not injected again.
+        fault = self.cfg.inject.get(str(step), "") if step not in self.injected else ""
+        trainer.loss_multiplier = _INJECTIONS.get(fault, 1.0)
+        if fault:
+            self.injected.add(step)
         for reason, steps in (("configured spike.skip_steps", self.configured),
                               ("replayed skip list", self.replayed),
                               ("rolled-back window", self.rollback_windows)):

@@ -124,3 +124,20 @@ def test_decision_identical_on_all_data_parallel_ranks(tiny_cfg, tmp_path):
     summaries = run_distributed(cfg, 2, all_ranks=True)
     assert summaries[0]["skipped"] == summaries[1]["skipped"] == [11]
     assert summaries[0]["loss_by_step"] == summaries[1]["loss_by_step"]
+
+
+def test_rollback_defer_moves_the_window_to_the_end_of_the_stage(tiny_cfg, tmp_path):
+    roll = _cfg(tiny_cfg, tmp_path, "defer")
+    roll.checkpoint.save_interval = 4
+    roll.spike.inject = {"7": "nan"}
+    roll.spike.escalate_after, roll.spike.on_escalation = 1, "rollback_defer"
+    rolled = run_single(roll)
+    assert rolled["final_step"] == 12 and not rolled["failed"]
+    log = _skip_log(roll)
+    (defer,) = [e for e in log if e["kind"] == "defer"]
+    assert defer["batches"] == [4, 7]  # the batches of steps 5-7, now read at steps 10-12
+    # The deferred batches are read last: step 10's batch is the original step 5's.
+    replay = _cfg(tiny_cfg, tmp_path, "defer-replay")
+    replay.train.skip_batches_file = str(Path(roll.run_dir) / "skipped_batches.jsonl")
+    replayed = run_single(replay)
+    assert replayed["loss_by_step"] == {k: v for k, v in rolled["loss_by_step"].items()}
