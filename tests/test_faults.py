@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 pytestmark = pytest.mark.distributed
@@ -115,7 +114,7 @@ def test_signal_checkpoints_current_step_and_resume_continues(sig, cli, referenc
     stopped_at = max(_losses(run_dir))
     assert stopped_at < 12 and f"step_{stopped_at:08d}" in _checkpoints(run_dir)
     out = _run(cli(run_dir))
-    assert out.returncode == 0 and f"resumed from" in out.stdout + out.stderr
+    assert out.returncode == 0 and "resumed from" in out.stdout + out.stderr
     assert _losses(run_dir) == reference
 
 
