@@ -1,0 +1,172 @@
+"""Data mixes: blend weights from token counts x multipliers, as LLM360 publishes them.
+
+A mix (``conf/data/*.yaml``) lists sources with a ``multiplier`` = epochs of that source per
+stage. A source's effective tokens are ``tokens x multiplier`` and its blend weight is its share
+of the total, which is what Megatron's ``BlendedMegatronDatasetConfig.blend`` takes. Token
+counts come from the source's ``.idx`` when it exists (exact, and cheap: only the index is read)
+and otherwise from the published ``tokens`` value, so a mix can be inspected before the data is
+downloaded. ``python -m data_prep.mix conf/data/k2_stage1.yaml --stage-tokens 1.3T`` prints it.
+"""
+
+from __future__ import annotations
+
+import os as _os
+import sys as _sys
+
+if __name__ == "__main__" and not __package__:  # run as a script: see data_prep/tokenize.py
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _here]
+    _sys.path.insert(0, _os.path.dirname(_here))
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+@dataclass
+class SourceShare:
+    name: str
+    path: str
+    tokens: int  # tokens in one pass over the source
+    multiplier: float  # passes (epochs) per stage
+    effective_tokens: float  # tokens the stage draws from this source
+    share: float  # blend weight, sums to 1 over the mix
+
+    def epochs(self, stage_tokens: float) -> float:
+        """Passes over this source when the whole stage trains on ``stage_tokens``."""
+        return self.share * stage_tokens / self.tokens if self.tokens else 0.0
+
+
+def count_tokens(prefix: str) -> int:
+    """Tokens in a Megatron dataset, from its ``.idx`` alone (no ``.bin`` read or needed)."""
+    from data_prep.writer import megatron_indexed_dataset
+
+    index = megatron_indexed_dataset()._IndexReader(prefix + ".idx", multimodal=False)
+    try:
+        return int(index.sequence_lengths.sum(dtype="int64"))
+    finally:
+        del index
+
+
+def _source_tokens(src: dict) -> int:
+    path = str(src.get("path") or "")
+    if path and Path(path + ".idx").is_file():
+        return count_tokens(path)
+    if src.get("tokens") is not None:
+        return int(src["tokens"])
+    raise ValueError(
+        f"source '{src.get('name', '?')}': no index at {path}.idx and no `tokens` given; "
+        "tokenize it (data_prep/tokenize.py) or set its published token count"
+    )
+
+
+def compute_mix(sources: list[dict], stage_tokens: int | None = None) -> list[SourceShare]:
+    """Shares of each source; with ``stage_tokens``, effective tokens for that stage size.
+
+    Without ``stage_tokens`` a source's effective tokens are ``tokens x multiplier`` (the stage
+    the mix describes); with it they are ``share x stage_tokens``.
+    """
+    if not sources:
+        raise ValueError("the mix has no sources")
+    rows = []
+    for src in sources:
+        mult = float(src.get("multiplier", 1.0))
+        if mult < 0:
+            raise ValueError(f"source '{src.get('name', '?')}': multiplier {mult} is negative")
+        tokens = _source_tokens(src)
+        rows.append((src, tokens, mult, tokens * mult))
+    total = sum(r[3] for r in rows)
+    if total <= 0:
+        raise ValueError("the mix has no tokens (every source is empty or has multiplier 0)")
+    return [
+        SourceShare(
+            name=str(src.get("name", "")),
+            path=str(src.get("path", "")),
+            tokens=tokens,
+            multiplier=mult,
+            share=eff / total,
+            effective_tokens=eff if stage_tokens is None else eff / total * stage_tokens,
+        )
+        for src, tokens, mult, eff in rows
+    ]
+
+
+def blend_for_megatron(shares: list[SourceShare]) -> tuple[list[str], list[float]]:
+    """``(prefixes, weights)`` for ``BlendedMegatronDatasetConfig.blend``; weights sum to 1."""
+    total = sum(s.share for s in shares)
+    return [s.path for s in shares], [s.share / total for s in shares]
+
+
+def human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def parse_tokens(text: str) -> int:
+    """``1.3T`` / ``69.4B`` / ``5e9`` / ``1000`` -> an integer token count."""
+    text = text.strip().upper()
+    if text and text[-1] in _SUFFIXES:
+        return int(float(text[:-1]) * _SUFFIXES[text[-1]])
+    return int(float(text))
+
+
+def format_table(shares: list[SourceShare], stage_tokens: int | None = None) -> str:
+    """Name, tokens, multiplier, share and epochs seen for a stage of ``stage_tokens``."""
+    stage = stage_tokens or sum(s.tokens * s.multiplier for s in shares)
+    width = max([len(s.name) for s in shares] + [6])
+    head = (
+        f"{'source':<{width}}  {'tokens':>9}  {'mult':>5}  {'share':>7}  {'stage tok':>9}  epochs"
+    )
+    lines = [head, "-" * len(head)]
+    for s in shares:
+        lines.append(
+            f"{s.name:<{width}}  {human(s.tokens):>9}  {s.multiplier:>5.2f}  "
+            f"{100 * s.share:>6.2f}%  {human(s.share * stage):>9}  {s.epochs(stage):6.2f}"
+        )
+    lines.append("-" * len(head))
+    lines.append(
+        f"{'total':<{width}}  {human(sum(s.tokens for s in shares)):>9}  {'':>5}  "
+        f"{100 * sum(s.share for s in shares):>6.2f}%  {human(stage):>9}"
+    )
+    return "\n".join(lines)
+
+
+def load_mix(path: str | Path) -> dict:
+    """A mix YAML with ``${oc.env:...}`` resolved, as a plain dict."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.mix",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="a data mix YAML, e.g. conf/data/k2_stage1.yaml")
+    p.add_argument("--stage-tokens", type=parse_tokens, help="stage budget, e.g. 1.3T or 69.4B")
+    p.add_argument("--json", action="store_true", help="print the shares as JSON")
+    a = p.parse_args(argv)
+    try:
+        mix = load_mix(a.config)
+        shares = compute_mix(mix.get("sources") or [], a.stage_tokens)
+    except (OSError, ValueError) as e:
+        print(f"error: {a.config}: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps([asdict(s) for s in shares], indent=1))
+    else:
+        print(f"mix {mix.get('name', a.config)} (split {mix.get('split', '?')})")
+        print(format_table(shares, a.stage_tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
