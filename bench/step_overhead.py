@@ -174,34 +174,6 @@ def driver_parts(trainer, result, last_step: int, calls: int = 400) -> None:
     print(f"   {totals[0]:8.1f}  {totals[1]:8.1f} us  total")
 
 
-def fixed_forward_backward_loss(self, step_in_stage: int, forward_only: bool) -> float:
-    """Prototype fix: ``Trainer._forward_backward_loss`` (trainer.py) with the stop flag made
-    on the device by ``new_full`` (a fill kernel) instead of ``torch.tensor([flag],
-    device=...)``, a blocking host->device copy after which PyTorch synchronises the stream."""
-    import torch.distributed as dist
-
-    for chunk in self.o.model_chunks:
-        chunk.zero_grad_buffer()
-    self.o.optimizer.zero_grad()
-    total = self._loss_sum(step_in_stage, self.data.train, forward_only)
-    signal_name = self.stop_signal.signal_name if self.stop_signal else None
-    total = torch.cat([total, total.new_full((1,), 1.0 if signal_name else 0.0)])
-    dist.all_reduce(total)
-    loss_sum, count, stop = total.tolist()
-    if stop and self.stop_requested is None:
-        self.stop_requested = f"signal {signal_name or 'on another rank'}"
-    return loss_sum / count if count else float("nan")
-
-
-def fixed_driver_step(trainer, index: int):
-    """The driver step with :func:`fixed_forward_backward_loss` patched in for this call."""
-    trainer._forward_backward_loss = fixed_forward_backward_loss.__get__(trainer)
-    try:
-        return driver_step(trainer, index)
-    finally:
-        del trainer._forward_backward_loss
-
-
 def build(a: argparse.Namespace, run_dir: str, max_steps: int):
     from orchestration.setup import build_training
     from orchestration.train import default_callbacks
@@ -238,8 +210,6 @@ def measure(a: argparse.Namespace, trainer) -> dict:
         return run
 
     loops = {"driver": watched(functools.partial(driver_step, trainer)), "bare": bare.step}
-    if a.prototype:
-        loops["driver+fix"] = watched(functools.partial(fixed_driver_step, trainer))
     for i in range(a.warmup):
         for step_fn in loops.values():
             step_fn(i)
@@ -249,7 +219,6 @@ def measure(a: argparse.Namespace, trainer) -> dict:
         for i, clock in enumerate(("wall", "cpu"))
     }
     after = first + reps * a.block
-    loops.setdefault("driver+fix", functools.partial(fixed_driver_step, trainer))
     syncs = {
         name: count_syncs(functools.partial(fn, after), a.device) for name, fn in loops.items()
     }
@@ -309,11 +278,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--global-batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
     p.add_argument("--wandb", choices=("disabled", "offline"), default="disabled")
-    p.add_argument(
-        "--prototype",
-        action="store_true",
-        help="also time the driver with the proposed flag-tensor fix",
-    )
     p.add_argument("--no-parts", action="store_true", help="skip the per-part breakdown")
     p.add_argument(
         "overrides", nargs="*", help="extra Hydra overrides, e.g. parallel.recompute=full"

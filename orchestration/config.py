@@ -108,6 +108,7 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     eod_mask_loss: bool = False
     num_workers: int = 0
+    builder_threads: int = 1  # Megatron builds the sources' indices of a blend in this many threads
     prepare: str | None = None  # "demo": build the embedded demo corpus when missing
 
 

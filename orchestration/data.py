@@ -90,6 +90,7 @@ def build_datasets(data: DataConfig, tokenizer: TokenizerInfo, seq_length: int, 
         eod_mask_loss=data.eod_mask_loss,
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
+        num_dataset_builder_threads=data.builder_threads,
     )
     builder = BlendedMegatronDatasetBuilder(
         GPTDataset, [train_samples, valid_samples, 0], lambda: True, config)
@@ -99,9 +100,12 @@ def build_datasets(data: DataConfig, tokenizer: TokenizerInfo, seq_length: int, 
     held_out = {}
     if per_source and len(data.sources) > 1 and valid is not None:
         for source in data.sources:
+            # Keep only the validation range of the split: the same documents the blend holds
+            # out, without building (and caching) a train index per source that nobody reads.
             single = replace(config, blend=([source.path], None))
+            single.split_matrix = [None, single.split_matrix[1], None]
             _, held_out[source.name], _ = BlendedMegatronDatasetBuilder(
-                GPTDataset, [1, valid_samples, 0], lambda: True, single).build()
+                GPTDataset, [0, valid_samples, 0], lambda: True, single).build()
     return StageDatasets(train=train, valid=valid, valid_per_source=held_out)
 
 

@@ -87,6 +87,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def single_process_group() -> None:
+    """A one-rank gloo world for single-process tools: Megatron's dataset builder asks for the
+    rank (``torch.distributed.get_rank``) whenever it builds a blend, even on one process."""
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
 def _free_port() -> int:
     import socket
 

@@ -37,7 +37,7 @@ class TrainingObjects:
 
     def datasets_for(self, stage: Stage) -> StageDatasets:
         if stage.index not in self._datasets:
-            self._datasets[stage.index] = _stage_datasets(self.cfg, stage, self.dist)
+            self._datasets[stage.index] = stage_datasets(self.cfg, stage)
         return self._datasets[stage.index]
 
 
@@ -51,11 +51,11 @@ def build_training(cfg: RunConfig) -> TrainingObjects:
     stages = plan_stages(cfg)
     for stage in stages:  # build or check every stage's data now, not hours into the run
         prepare_data(stage.data, info.is_main)
-        _check_sources_exist(stage.data)
+        check_sources_exist(stage.data)
     return TrainingObjects(cfg, info, mc, model, optimizer, stages)
 
 
-def _check_sources_exist(data: DataConfig) -> None:
+def check_sources_exist(data: DataConfig) -> None:
     for i, source in enumerate(data.sources):
         missing = [f"{source.path}{ext}" for ext in (".bin", ".idx")
                    if not Path(f"{source.path}{ext}").is_file()]
@@ -109,7 +109,8 @@ def load_tokenizer(cfg: RunConfig, data: DataConfig) -> TokenizerInfo:
     return tokenizer
 
 
-def _stage_datasets(cfg: RunConfig, stage: Stage, info: DistInfo) -> StageDatasets:
+def stage_datasets(cfg: RunConfig, stage: Stage) -> StageDatasets:
+    """A stage's datasets, cached in ``run_dir/data_cache`` (shared with orchestration.prebuild)."""
     tokenizer = load_tokenizer(cfg, stage.data)
     return build_datasets(
         stage.data, tokenizer, stage.seq_length, seed=cfg.train.seed + stage.index,

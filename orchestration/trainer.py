@@ -198,8 +198,9 @@ class Trainer:
         # The one collective (and host sync) per step: the global loss for the skip decision,
         # plus any rank's stop signal (SIGUSR1/SIGTERM), so that every rank stops together.
         signal_name = self.stop_signal.signal_name if self.stop_signal else None
-        flags = torch.tensor([1.0 if signal_name else 0.0], dtype=total.dtype, device=total.device)
-        total = torch.cat([total, flags])
+        # new_full fills on the device; torch.tensor(..., device=) would be a blocking
+        # host->device copy, a second stream sync per step (docs/benchmarks.md, step overhead).
+        total = torch.cat([total, total.new_full((1,), 1.0 if signal_name else 0.0)])
         dist.all_reduce(total)
         loss_sum, count, stop = total.tolist()
         if stop and self.stop_requested is None:
