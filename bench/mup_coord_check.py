@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import tempfile
@@ -98,16 +97,13 @@ def ensure_single_rank_env() -> None:
     Why not ``build_training``: it creates Megatron's parallel groups, which can exist only once
     per process, and the check builds a dozen models in one process.
     """
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_patches import cpu_compat
-    from orchestration.distributed import _free_port
+    from orchestration.distributed import single_process_group
 
     cpu_compat.enable(force=True)
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    single_process_group()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
 

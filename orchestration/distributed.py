@@ -90,9 +90,8 @@ def shutdown() -> None:
 def single_process_group() -> None:
     """A one-rank gloo world for single-process tools: Megatron's dataset builder asks for the
     rank (``torch.distributed.get_rank``) whenever it builds a blend, even on one process."""
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():  # a fresh port: nobody else joins a one-rank world
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 

@@ -56,16 +56,13 @@ def megatron_env():
 
     Training runs use spawned processes (tests/dist.py); this is for inspecting built models.
     """
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_patches import cpu_compat
-    from orchestration.distributed import _free_port, seed_everything
+    from orchestration.distributed import seed_everything, single_process_group
 
     cpu_compat.enable(force=True)
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    single_process_group()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     seed_everything(1234)
