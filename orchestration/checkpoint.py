@@ -14,6 +14,7 @@ tensors are resharded on load, so a checkpoint saved at one TP/PP/DP layout load
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,9 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from megatron_patches.optimizer_state import ensure_adam_state, restore_adam_steps
 from orchestration.distributed import comm_device
 from orchestration.model import unwrap
+
+if TYPE_CHECKING:
+    from orchestration.async_checkpoint import AsyncSaver
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +50,18 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"{_PREFIX}{step:08d}"
 
 
+def step_of(path: Path) -> int:
+    """The step a ``step_XXXXXXXX`` checkpoint directory holds."""
+    return int(path.name[len(_PREFIX):])
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)
              and not p.name.endswith(".tmp") and (p / "checkpoint_info.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+    return sorted(found, key=step_of)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -100,10 +109,14 @@ def sharded_state(model, optimizer, trainer_state: dict, is_loading: bool,
     return state
 
 
-def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int) -> Path:
+def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int,
+         saver: AsyncSaver | None = None) -> Path:
     """Write ``step_<step>`` atomically on all ranks; prune to the newest ``keep_last``.
 
-    Before the first update Adam has no state to save, so a step-0 checkpoint holds weights only.
+    With ``saver`` the shards are written in the background (see ``orchestration.async_checkpoint``) and
+    ``step_<step>`` appears when ``saver.finalize`` finds every rank's writer done; without it
+    this returns once the checkpoint is complete. Before the first update Adam has no state to
+    save, so a step-0 checkpoint holds weights only.
     """
     with_optimizer = step > 0
     final, tmp = step_dir(root, step), step_dir(root, step).with_suffix(".tmp")
@@ -114,11 +127,23 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
     dist.barrier()
     t0 = time.time()
     state = sharded_state(model, optimizer, trainer_state, False, with_optimizer)
-    dist_checkpointing.save(state, str(tmp))
+    publish = functools.partial(_publish, root, step, keep_last, with_optimizer, t0)
+    if saver is None:
+        dist_checkpointing.save(state, str(tmp))
+    else:
+        saver.schedule(state, tmp, final, publish)  # publish runs once all ranks have written
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    if saver is None:
+        publish()
+    return final
+
+
+def _publish(root: Path, step: int, keep_last: int, with_optimizer: bool, t0: float) -> None:
+    """On all ranks once every shard is written: marker, rename ``*.tmp`` -> final, prune."""
+    final, tmp = step_dir(root, step), step_dir(root, step).with_suffix(".tmp")
     dist.barrier()
-    if rank == 0:
+    if dist.get_rank() == 0:
         meta = {"step": step, "layout": _layout(), "time": time.time(),
                 "has_optimizer": with_optimizer,
                 "save_seconds": round(time.time() - t0, 3)}
@@ -128,7 +153,6 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
         os.replace(tmp, final)
         _prune(root, keep_last)
     dist.barrier()
-    return final
 
 
 class LayoutChangeError(RuntimeError):

@@ -179,6 +179,9 @@ class CheckpointConfig:
     # Megatron-Core 0.16 can reshard distributed-optimizer state across DP but not TP/PP. On a
     # TP/PP change the weights always load; Adam's moments restart only if this is true.
     reset_optimizer_on_reshard: bool = False
+    # Write shards in a background process (Megatron's async dist_checkpointing save) while
+    # training continues; the checkpoint is published (renamed from *.tmp) once all ranks finish.
+    async_save: bool = False
 
 
 @dataclass

@@ -133,6 +133,7 @@ class SkipBatchesCallback(Callback):
                    f"{self.cfg.escalate_within} steps (spike.on_escalation={action})")
         first_bad = min(self.detector.recent_skips, default=step)
         self.detector.recent_skips = []
+        trainer.finalize_checkpoints(blocking=True)  # a background save may be the target
         target = _checkpoint_before(trainer, first_bad)
         if action == "stop" or target is None:
             trainer.stop_requested = f"loss spikes: {message}" + (

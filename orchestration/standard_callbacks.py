@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from orchestration.callbacks import Callback
+from orchestration.checkpoint import step_of
 from orchestration.metrics import MetricsLogger
 from orchestration.stages import Stage, consumed_tokens, total_steps
 
@@ -48,7 +49,7 @@ class MetricsCallback(Callback):
         self.logger.log(record, echo=bool(echo))
 
     def on_checkpoint(self, trainer, path: Path) -> None:
-        self.logger.event("checkpoint", step=trainer.step, path=str(path))
+        self.logger.event("checkpoint", step=step_of(path), path=str(path))
 
     def on_fit_end(self, trainer) -> None:
         self.logger.close()
@@ -107,7 +108,8 @@ class CheckpointCallback(Callback):
         t0 = time.perf_counter()
         path = trainer.save_checkpoint()
         self.last_saved = trainer.step
-        log.info("saved %s in %.2fs", path, time.perf_counter() - t0)
+        log.info("%s %s in %.2fs", "scheduled (writing in the background)"
+                 if trainer.saver is not None else "saved", path, time.perf_counter() - t0)
 
 
 class PreemptionCallback(Callback):

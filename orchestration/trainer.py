@@ -22,6 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_patches.guarded_step import guarded_step
 from orchestration import checkpoint as ckpt
+from orchestration.async_checkpoint import AsyncSaver
 from orchestration.callbacks import Callback, CallbackList
 from orchestration.config import RunConfig
 from orchestration.data import BatchLayout, StageDatasets, microbatches
@@ -71,6 +72,7 @@ class Trainer:
         self.failed = False  # stopped by a policy (e.g. persistent loss spikes), not finished
         self.loss_multiplier = 1.0  # fault-injection drills (spike.inject) scale the loss
         self._forward_backward = get_forward_backward_func()
+        self.saver = AsyncSaver() if cfg.checkpoint.async_save else None
 
     # ----------------------------------------------------------------- public API
     def fit(self) -> list[StepResult]:
@@ -82,6 +84,7 @@ class Trainer:
         if self.cfg.train.eval_only:
             self._ensure_stage()
             self.last_val_loss = self.evaluate(self.cfg.train.eval_iters)
+            self.finalize_checkpoints(blocking=True)  # a save_initial written in the background
             return []
         results = []
         end = total_steps(self.stages)
@@ -93,7 +96,9 @@ class Trainer:
                 raise _name_collective_failure(err, self.step + 1, self.cfg) from err
             results.append(result)
             self.step += 1
+            self.finalize_checkpoints(blocking=False)
             self.callbacks.after_step(self, result)
+        self.finalize_checkpoints(blocking=True)  # requeue/exit only with the last save complete
         self.callbacks.on_fit_end(self)
         return results
 
@@ -139,13 +144,21 @@ class Trainer:
         return float(total[0] / total[1])
 
     def save_checkpoint(self) -> Path:
+        self.finalize_checkpoints(blocking=True)  # one background save at a time
         state = {"step": self.step, "consumed_tokens": consumed_tokens(self.stages, self.step),
                  "stage": self.stage.name if self.stage else None,
                  "callbacks": self.callbacks.state_dict()}
         path = ckpt.save(ckpt.checkpoint_dir(self.run_dir), self.step, self.o.model,
-                         self.o.optimizer, state, self.cfg.checkpoint.keep_last)
-        self.callbacks.on_checkpoint(self, path)
+                         self.o.optimizer, state, self.cfg.checkpoint.keep_last, self.saver)
+        if self.saver is None:
+            self.callbacks.on_checkpoint(self, path)
         return path
+
+    def finalize_checkpoints(self, blocking: bool) -> None:
+        """Publish background saves that every rank has finished (all, with ``blocking``)."""
+        if self.saver is not None:
+            for path in self.saver.finalize(blocking):
+                self.callbacks.on_checkpoint(self, path)
 
     def resume(self) -> None:
         """Continue from the run dir's newest complete checkpoint, else from checkpoint.load."""
