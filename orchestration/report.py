@@ -108,16 +108,30 @@ def _mark_stages(ax, log: RunLog, x: str = "step") -> None:
 
 
 def _mark_skips(ax, log: RunLog, key: str) -> None:
-    """A red x per skipped batch, at the value when it was computed, else at the axis bottom."""
+    """A red x per skipped batch at its computed value. The axis keeps the scale of the
+    accepted steps: a spike above it (the reason it was skipped, often 100x the loss) is drawn
+    at the top edge with its value written next to it, a non-finite or uncomputed one at the
+    bottom, so one spike never flattens the curve."""
     by_step = {r["step"]: r for r in log.train}
-    xs, ys = [], []
-    bottom = ax.get_ylim()[0]
+    bottom, top = ax.get_ylim()
+    xs, ys, clipped = [], [], []
     for step in log.skipped:
         value = by_step.get(step, {}).get(key)
         xs.append(step)
-        ys.append(value if _finite(value) else bottom)
+        if not _finite(value):
+            ys.append(bottom)
+        elif value > top:
+            ys.append(top)
+            clipped.append((step, value))
+        else:
+            ys.append(value)
     if xs:
-        ax.scatter(xs, ys, marker="x", color="red", zorder=5, label=f"skipped ({len(xs)})")
+        ax.scatter(xs, ys, marker="x", color="red", zorder=5, clip_on=False,
+                   label=f"skipped ({len(xs)})")
+    for step, value in clipped:
+        ax.annotate(f"{value:.3g}", (step, top), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7, color="red")
+    ax.set_ylim(bottom, top)
 
 
 def _save(fig, ax, path: Path, title: str) -> None:

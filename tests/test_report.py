@@ -80,3 +80,28 @@ def test_newest_record_of_a_repeated_step_wins(tmp_path):
     assert step5["loss"] == pytest.approx(9.9)  # written after the resume
     # Skipped steps 3 and 8 are left out: median of 1, 1001, 1002, 1004, 1006, 1007, 1009, 1010.
     assert summarize(log)["tokens_per_s_median"] == pytest.approx(1005.0)
+
+
+def test_a_skipped_spike_keeps_the_loss_axis_readable(tmp_path):
+    """A 1000x loss (why the batch was skipped) is marked at the top edge with its value, not
+    allowed to stretch the axis so far that the accepted curve becomes a flat line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from orchestration.report import RunLog, _mark_skips
+
+    train = [{"step": s, "loss": 5.0 - 0.1 * s} for s in range(1, 21)]
+    train[9]["loss"] = 4000.0  # step 10: the spike
+    log = RunLog(train=train, skipped={10: "loss spike", 15: "loss spike"})
+    fig, ax = plt.subplots()
+    ax.plot([r["step"] for r in train if r["step"] != 10],
+            [r["loss"] for r in train if r["step"] != 10])
+    _mark_skips(ax, log, "loss")
+    bottom, top = ax.get_ylim()
+    assert top < 10, "the axis keeps the accepted losses' scale"
+    (marks,) = ax.collections
+    assert [tuple(p) for p in marks.get_offsets()] == [(10, top), (15, train[14]["loss"])]
+    assert [t.get_text() for t in ax.texts] == ["4e+03"]
+    plt.close(fig)
