@@ -189,9 +189,10 @@ def write_fake_source(prefix: str, sizes: np.ndarray) -> None:
         f.truncate(int(sizes.sum()) * 2)  # uint16 tokens; a hole, no data written
 
 
-def k2_run_config(root: str, scale: float, per_source: bool = True):
+def k2_run_config(root: str, scale: float, per_source: bool = True, threads: int = 0):
     """A run on the K2 stage-1 mix with a single stage of ``scale`` x 1.4T tokens; the demo
-    tokenizer stands in for K2's (the dataset needs only its end-of-document id)."""
+    tokenizer stands in for K2's (the dataset needs only its end-of-document id). ``threads``
+    overrides the mix's ``data.builder_threads`` (0: as the mix sets it)."""
     import os
 
     os.environ["K2_DATA"] = root
@@ -200,6 +201,7 @@ def k2_run_config(root: str, scale: float, per_source: bool = True):
         "data=k2_stage1", "model=k2_65b", f"run_dir={root}", f"train.max_steps={steps}",
         f"train.global_batch_size={K2_GBS}", f"train.eval_per_source={per_source}",
         f"data.tokenizer_model={REPO / 'data' / 'demo' / 'tokenizer.model'}",
+        *([f"data.builder_threads={threads}"] if threads else []),
     ])  # fmt: skip
 
 
@@ -212,7 +214,7 @@ def write_fake_k2(root: str, scale: float) -> dict:
     return {"documents": docs, "tokens": tokens}
 
 
-def run_scale(scale: float, root: str, reps: int, per_source: bool) -> dict:
+def run_scale(scale: float, root: str, reps: int, per_source: bool, threads: int = 0) -> dict:
     """In a fresh process: ``reps`` first builds (cache removed before each), then ``reps``
     loads from Megatron's cache, of the scaled K2 stage's data, through the driver's own
     ``orchestration.setup.stage_datasets`` (blend, per-source held-out sets, cache dir)."""
@@ -224,7 +226,7 @@ def run_scale(scale: float, root: str, reps: int, per_source: bool) -> dict:
     from orchestration.stages import plan_stages
 
     single_process_group()
-    cfg = k2_run_config(root, scale, per_source)
+    cfg = k2_run_config(root, scale, per_source, threads)
     stage, cache = plan_stages(cfg)[0], Path(root) / "data_cache"
 
     def build() -> None:
@@ -264,6 +266,7 @@ def index_build(a: argparse.Namespace) -> None:
                     root,
                     str(a.reps),
                     str(a.per_source),
+                    str(a.builder_threads),
                 ],
                 stdout=subprocess.PIPE,
                 text=True,
@@ -372,6 +375,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_false",
         help="train.eval_per_source=false: no per-source held-out sets",
     )
+    i.add_argument("--builder-threads", type=int, default=0,
+                   help="data.builder_threads (default: the mix's, 8 for k2_stage1)")
     h = sub.add_parser("held-out")
     h.add_argument("--scale", type=float, default=0.01)
     h.add_argument("--reps", type=int, default=4)
@@ -380,6 +385,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     o.add_argument("root")
     o.add_argument("reps", type=int)
     o.add_argument("per_source", choices=("True", "False"))
+    o.add_argument("threads", type=int)
     return p.parse_args(argv)
 
 
@@ -387,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
     if a.cmd == "_one-scale":
-        print(json.dumps(run_scale(a.scale, a.root, a.reps, a.per_source == "True")))
+        print(json.dumps(run_scale(a.scale, a.root, a.reps, a.per_source == "True", a.threads)))
         return 0
     print_header(f"data loader: {a.cmd}", "python bench/dataloader_bench.py " + " ".join(argv))
     {"throughput": throughput, "index": index_build, "held-out": held_out}[a.cmd](a)
