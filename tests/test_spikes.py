@@ -91,9 +91,12 @@ def test_spike_skipped_clean_run_has_no_false_positives_and_replay_matches(tiny_
         {k: v for k, v in spiked["loss_by_step"].items() if k != 15}
 
 
-def test_rollback_restores_weights_and_skips_the_window(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_rollback_restores_weights_and_skips_the_window(tiny_cfg, tmp_path, async_save):
+    """With the async writer the step-4 save may still be in flight when step 7 escalates:
+    the rollback waits for it to be published, then restores it."""
     roll = _cfg(tiny_cfg, tmp_path, "roll")
-    roll.checkpoint.save_interval = 4
+    roll.checkpoint.save_interval, roll.checkpoint.async_save = 4, async_save
     roll.spike.inject = {"7": "nan"}
     roll.spike.escalate_after, roll.spike.on_escalation = 1, "rollback_skip"
     rolled = run_single(roll)
