@@ -22,9 +22,10 @@ class AsyncSaver:
     runs in a forked process (``AsyncCallsQueue``), as Megatron-LM's ``--async-save`` does. The
     loop calls :meth:`finalize` after every step: while a save is pending, one small all-reduce
     asks whether every rank's writer is done; when so, Megatron's finalizers write the global
-    metadata and ``checkpoint._publish`` renames ``step_N.tmp`` to ``step_N``. Until then the previous
-    checkpoint stays the newest complete one, so a crash mid-write loses nothing. At most one
-    save is in flight: the caller finalizes the last one before scheduling the next.
+    metadata and ``checkpoint._publish`` renames ``step_N.tmp`` to ``step_N``. Until then the
+    previous checkpoint stays the newest complete one, so a crash mid-write costs only the
+    unfinished save. At most one save is in flight: the caller finalizes the last one before
+    scheduling the next.
     """
 
     def __init__(self) -> None:
