@@ -113,10 +113,11 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
          saver: AsyncSaver | None = None) -> Path:
     """Write ``step_<step>`` atomically on all ranks; prune to the newest ``keep_last``.
 
-    With ``saver`` the shards are written in the background (see ``orchestration.async_checkpoint``) and
-    ``step_<step>`` appears when ``saver.finalize`` finds every rank's writer done; without it
-    this returns once the checkpoint is complete. Before the first update Adam has no state to
-    save, so a step-0 checkpoint holds weights only.
+    With ``saver`` the shards are written in the background (``orchestration.async_checkpoint``)
+    and ``step_<step>`` appears when ``saver.finalize`` finds every rank's writer done; without
+    it this returns once the checkpoint is complete. The RNG files are written after the save
+    starts, since Megatron warns about a non-empty target directory. Before the first update
+    Adam has no state to save, so a step-0 checkpoint holds weights only.
     """
     with_optimizer = step > 0
     final, tmp = step_dir(root, step), step_dir(root, step).with_suffix(".tmp")
