@@ -8,7 +8,7 @@ checkpoint with its Adam state is ~300 MB), one data stream. Three kinds of bloc
 
 * ``none``: the steps alone (the baseline);
 * ``sync``: ``save_checkpoint()`` with the synchronous writer, then the steps;
-* ``async``: ``save_checkpoint()`` with :class:`orchestration.async_checkpoint.AsyncSaver` (plan,
+* ``async``: ``save_checkpoint()`` with :class:`megatron_patches.checkpointing.AsyncSaver` (plan,
   stage the shards, fork the writer), then the steps (each polls the writer), then whatever
   wait remains for the write to be published at the end of the block.
 
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import paired_ratios, print_header, run_alternating, summarize  # noqa: E402
 from bench.step_overhead import build, driver_step  # noqa: E402
-from orchestration import checkpoint as ckpt  # noqa: E402
-from orchestration.async_checkpoint import AsyncSaver  # noqa: E402
+from megatron_patches.checkpointing import AsyncSaver  # noqa: E402
+from orchestration.checkpoint import layout as ckpt  # noqa: E402
 
 MODEL_25M = ["model.num_layers=8", "model.hidden_size=512", "model.ffn_hidden_size=1408",
              "model.num_attention_heads=8", "model.num_query_groups=4"]  # fmt: skip

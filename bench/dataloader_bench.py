@@ -2,7 +2,7 @@
 
 ``python bench/dataloader_bench.py throughput [--seq-length 2048] [--global-batch-size 16]
 [--dp 1] [--step-time-s 0.3]`` reads the demo mix (``conf/data/demo.yaml``) three ways, in
-alternating blocks over the same samples: the driver's path (``orchestration.data.microbatches``
+alternating blocks over the same samples: the driver's path (``orchestration.data.batches.microbatches``
 over the blended ``GPTDataset``: blend lookup, shuffle, multi-document samples, labels, masks,
 collation), ``GPTDataset.__getitem__`` alone (isolates the driver's own share), and the same
 token spans straight from ``IndexedDataset.get``, concatenated and stacked (the floor). It
@@ -50,16 +50,17 @@ from bench.common import (  # noqa: E402
     summarize,
     timed,
 )
-from orchestration.data import BatchLayout, build_datasets, microbatches  # noqa: E402
-from orchestration.distributed import single_process_group  # noqa: E402
+from megatron_patches.parallel import single_process_group  # noqa: E402
+from orchestration.data.batches import BatchLayout, microbatches  # noqa: E402
+from orchestration.data.datasets import build_datasets  # noqa: E402
 
 
 def demo_train_dataset(seq: int, samples: int, cache: Path):
     """The demo mix's blended train dataset, built as the driver builds a stage's data."""
-    from orchestration.setup import load_tokenizer
+    from orchestration.data.tokenizer import load_tokenizer
 
     cfg = compose_config(["data=demo", f"model.seq_length={seq}"])
-    tokenizer = load_tokenizer(cfg, cfg.data)
+    tokenizer = load_tokenizer(cfg.model, cfg.data)
     return build_datasets(
         cfg.data, tokenizer, seq, seed=1234, train_samples=samples, valid_samples=1, cache_dir=cache
     ).train
@@ -177,9 +178,9 @@ def fake_document_sizes(tokens: int, mean_doc: int, rng: np.random.Generator) ->
 
 def write_fake_source(prefix: str, sizes: np.ndarray) -> None:
     """A Megatron ``.idx`` for ``sizes`` (one sequence per document) and a sparse ``.bin``."""
-    from megatron.core.datasets.indexed_dataset import _IndexWriter
+    from megatron_patches.datasets import indexed_dataset_module
 
-    class VectorIndexWriter(_IndexWriter):
+    class VectorIndexWriter(indexed_dataset_module()._IndexWriter):
         def _sequence_pointers(self, lengths):  # upstream's is a Python loop per document
             return np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64) * 2])
 
@@ -217,13 +218,13 @@ def write_fake_k2(root: str, scale: float) -> dict:
 def run_scale(scale: float, root: str, reps: int, per_source: bool, threads: int = 0) -> dict:
     """In a fresh process: ``reps`` first builds (cache removed before each), then ``reps``
     loads from Megatron's cache, of the scaled K2 stage's data, through the driver's own
-    ``orchestration.setup.stage_datasets`` (blend, per-source held-out sets, cache dir)."""
+    ``orchestration.data.datasets.stage_datasets`` (blend, per-source held-out sets, cache dir)."""
     import resource
     import shutil
     import statistics
 
-    from orchestration.setup import stage_datasets
-    from orchestration.stages import plan_stages
+    from orchestration.data.datasets import stage_datasets
+    from orchestration.loop.stages import plan_stages
 
     single_process_group()
     cfg = k2_run_config(root, scale, per_source, threads)
@@ -296,17 +297,13 @@ def held_out_sets(cfg, stage, cache: Path, skip_train: bool) -> dict:
     ``skip_train``, as it builds them now (the train split left out of the split matrix)."""
     from dataclasses import replace
 
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron_patches.datasets import GPTDatasetConfig, build_split
+    from orchestration.data.datasets import blend_of
+    from orchestration.data.tokenizer import load_tokenizer
 
-    from orchestration.data import blend_of
-    from orchestration.setup import load_tokenizer
-
-    config = GPTDatasetConfig(  # as orchestration.data.build_datasets makes it
+    config = GPTDatasetConfig(  # as orchestration.data.datasets.build_datasets makes it
         random_seed=cfg.train.seed, sequence_length=stage.seq_length, blend=blend_of(stage.data),
-        split=stage.data.split, path_to_cache=str(cache), tokenizer=load_tokenizer(cfg, stage.data),
+        split=stage.data.split, path_to_cache=str(cache), tokenizer=load_tokenizer(cfg.model, stage.data),
         reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=stage.data.eod_mask_loss, create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
@@ -317,9 +314,7 @@ def held_out_sets(cfg, stage, cache: Path, skip_train: bool) -> dict:
         if skip_train:  # same documents held out: only the valid range of the matrix is kept
             single.split_matrix = [None, single.split_matrix[1], None]
         sizes = [0 if skip_train else 1, valid, 0]
-        _, sets[source.name], _ = BlendedMegatronDatasetBuilder(
-            GPTDataset, sizes, lambda: True, single
-        ).build()
+        _, sets[source.name], _ = build_split(single, sizes)
     return sets
 
 
@@ -327,7 +322,7 @@ def held_out(a: argparse.Namespace) -> None:
     """Time the per-source held-out builds, before vs after the fix, alternating; same samples?"""
     import shutil
 
-    from orchestration.stages import plan_stages
+    from orchestration.loop.stages import plan_stages
 
     single_process_group()
     with tempfile.TemporaryDirectory() as root:

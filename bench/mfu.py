@@ -5,14 +5,14 @@ micro-batch 1 2 4 8, recompute none selective full, distributed optimizer) and
 ``python bench/mfu.py --device cuda --largest`` (also finds the deepest 3072-wide LLaMA shape,
 LLaMA-3.2-3B's width, heads and FFN, that trains on the GPU with full recompute, then sweeps it).
 On a GPU the model uses the Transformer Engine layer spec (TE picks flash/fused attention),
-bf16 and Megatron's fused kernels, all as ``orchestration.build`` sets them for CUDA.
+bf16 and Megatron's fused kernels, all as ``megatron_patches.configs`` sets them for CUDA.
 
 ``python bench/mfu.py --model tiny --device cpu`` runs the same path on CPU (tokens/s only:
 MFU is not defined without a GPU peak) to prove the benchmark works end to end.
 
 Each configuration runs in a fresh process (clean GPU memory, an out-of-memory error is one
 row of the table, not the end of the sweep): warm-up steps, then the median of timed steps.
-MFU = tokens/s x ``orchestration.flops.flops_per_token`` / peak (model FLOPs: recompute is not
+MFU = tokens/s x ``orchestration.metrics.flops.flops_per_token`` / peak (model FLOPs: recompute is not
 counted, so recompute shows up as lower MFU, as it should).
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import compose_config, device_sync, print_header, summarize, timed  # noqa: E402
-from orchestration.flops import PEAK_BF16_FLOPS, flops_per_token, mfu  # noqa: E402
+from orchestration.metrics.flops import PEAK_BF16_FLOPS, flops_per_token, mfu  # noqa: E402
 
 # LLaMA-3.2-3B's width with head_dim 128 (flash-attention friendly) and GQA 24/8; the layer
 # count is what --largest searches, deepest first.
@@ -85,10 +85,10 @@ def run_one(a: argparse.Namespace) -> dict:
     import torch
 
     from bench.step_overhead import driver_step
-    from orchestration.flops import parameter_count
-    from orchestration.setup import build_training
+    from orchestration.loop.session import build_session
+    from orchestration.loop.trainer import Trainer
+    from orchestration.metrics.flops import parameter_count
     from orchestration.train import default_callbacks
-    from orchestration.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_config(config_overrides(a, a.one[0], a.one[1], a.layers, run_dir))
@@ -97,7 +97,7 @@ def run_one(a: argparse.Namespace) -> dict:
             "flops_per_token": flops_per_token(cfg.model, a.seq_length),
         }
         try:
-            objects = build_training(cfg)
+            objects = build_session(cfg)
             trainer = Trainer(cfg, objects, default_callbacks(cfg, objects))
             trainer.callbacks.on_fit_start(trainer)
             for i in range(a.warmup):
@@ -186,7 +186,7 @@ def peak_flops(a: argparse.Namespace) -> float | None:
         return a.peak_tflops * 1e12
     import torch
 
-    from orchestration.flops import peak_flops_for_device
+    from orchestration.metrics.flops import peak_flops_for_device
 
     return peak_flops_for_device(torch.cuda.get_device_name()) or H100_SXM_PEAK
 

@@ -7,7 +7,7 @@ that grows (or vanishes) with width, long before it shows up as a failed LR tran
 
 For each width (head_dim fixed, so only the number of heads grows) and parametrization (SP:
 ``mup.enabled=false``; muP: ``mup.enabled=true``), the tiny LLaMA is built in this process,
-trained a few steps with the real training step (``Trainer.train_step``: schedule, clipping
+trained a few steps with the real training step (``Trainer.run_step``: schedule, clipping
 and muP's param groups all as in a run) at a fixed, fairly large LR, and before every update a
 fixed probe batch is run through it with forward hooks on the embedding, every transformer
 layer and the output layer recording mean |x| (and mean |x_t - x_0|). Under muP the curves are
@@ -94,39 +94,25 @@ def coord_check_settings(cfg, steps: int, lr: float, batch: int, seq_length: int
 def ensure_single_rank_env() -> None:
     """This process as a one-rank gloo world with Megatron's groups (as tests' megatron_env).
 
-    Why not ``build_training``: it creates Megatron's parallel groups, which can exist only once
+    Why not ``build_session``'s own start-up: Megatron's parallel groups can exist only once
     per process, and the check builds a dozen models in one process.
     """
-    from megatron.core import parallel_state
+    from megatron_patches.parallel import single_process_world
 
-    from megatron_patches import cpu_compat
-    from orchestration.distributed import single_process_group
-
-    cpu_compat.enable(force=True)
-    single_process_group()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+    single_process_world()
 
 
 def build_objects(cfg):
-    """``orchestration.setup.build_training`` without the process-group start-up (see above)."""
-    from megatron.core.optimizer import get_megatron_optimizer
+    """``orchestration.loop.session.build_session`` without the process-group start-up (see
+    above): this process is already a one-rank world."""
+    from megatron_patches.parallel import seed_everything
+    from orchestration.cluster.base import LocalCluster
+    from orchestration.cluster.distributed import DistInfo
+    from orchestration.loop.session import build_session
 
-    from orchestration.build import build_megatron_configs
-    from orchestration.config import validate
-    from orchestration.distributed import DistInfo, seed_everything
-    from orchestration.model import build_gpt_model, wrap_for_training
-    from orchestration.setup import TrainingObjects, _connect_schedule_hooks, _overrides
-    from orchestration.stages import plan_stages
-
-    validate(cfg, world_size=1)
     seed_everything(cfg.train.seed)
-    mc = build_megatron_configs(cfg, on_cpu=True)
-    model = wrap_for_training(build_gpt_model(cfg, mc), mc)
-    optimizer = get_megatron_optimizer(mc.optimizer, [model], config_overrides=_overrides(cfg, mc))
-    _connect_schedule_hooks(mc, model, optimizer, cfg)
-    info = DistInfo(rank=0, world_size=1, local_rank=0, on_cpu=True)
-    return TrainingObjects(cfg, info, mc, model, optimizer, plan_stages(cfg))
+    info = DistInfo(rank=0, world_size=1, local_rank=0, on_cpu=True, cluster=LocalCluster())
+    return build_session(cfg, info)
 
 
 def activation_sites(gpt) -> dict[str, torch.nn.Module]:
@@ -187,13 +173,13 @@ def run_one(cfg, steps: int) -> dict:
 
     Returns {"size"/"delta": {site: [value at t=0..steps]}, "loss": [train loss per step]}.
     """
-    from orchestration.data import microbatches
-    from orchestration.model import unwrap
-    from orchestration.trainer import Trainer
+    from megatron_patches.model import unwrap
+    from orchestration.data.batches import microbatches
+    from orchestration.loop.trainer import Trainer
 
     objects = build_objects(cfg)
     trainer = Trainer(cfg, objects)
-    trainer._ensure_stage()  # builds (or reuses from run_dir) the stage's datasets
+    trainer.enter_stage(1)  # builds (or reuses from run_dir) the stage's datasets
     batch = next(microbatches(trainer.data.train, trainer.layout, 0))
     gpt = unwrap(objects.model)
     recorder = ActivationRecorder(activation_sites(gpt))
@@ -201,8 +187,7 @@ def run_one(cfg, steps: int) -> dict:
     for t in range(steps + 1):
         probe(gpt, recorder, batch)
         if t < steps:
-            losses.append(trainer.train_step().loss)
-            trainer.step += 1
+            losses.append(trainer.run_step().loss)
     recorder.remove()
     return {"size": recorder.size, "delta": recorder.delta, "loss": losses}
 
@@ -387,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     # Megatron's CPU fallbacks and torch deprecations warn once per model: noise around a table.
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from orchestration.setup import prepare_data
+    from orchestration.data.datasets import prepare_data
 
     with tempfile.TemporaryDirectory() as tmp:
         base = demo_base_config(Path(tmp) / "run")

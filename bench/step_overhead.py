@@ -6,10 +6,10 @@ Why: the driver adds a loop around Megatron (LR schedule, callbacks, the skip-de
 all-reduce, a vetoable optimizer step, JSONL metrics). It must cost next to nothing next to
 the step itself and add no host-device sync beyond the one the skip decision needs.
 
-Both loops use the same objects from one ``build_training(cfg)`` (a one-rank gloo world on
+Both loops use the same objects from one ``build_session(cfg)`` (a one-rank gloo world on
 CPU) and read the same global batches through ``orchestration.data.microbatches``:
 
-* driver: ``fit()``'s loop body, ``Trainer.train_step()`` plus ``callbacks.after_step`` with
+* driver: ``fit()``'s loop body, ``Trainer.run_step()`` (its hooks, the step, ``after_step``) with
   ``default_callbacks`` (metrics JSONL, eval and checkpoint checks whose intervals never fire);
 * bare: what a Megatron-LM user writes, ``get_forward_backward_func()(...)`` and
   ``optimizer.step()`` with Megatron-LM's GPT loss function.
@@ -44,8 +44,8 @@ from bench.common import (  # noqa: E402
     timed,
     timed_wall_cpu,
 )
-from orchestration.data import microbatches  # noqa: E402
-from orchestration.distributed import comm_device  # noqa: E402
+from megatron_patches.parallel import comm_device  # noqa: E402
+from orchestration.data.batches import microbatches  # noqa: E402
 
 NEVER = 10**9  # an eval/checkpoint interval that does not fire
 
@@ -93,29 +93,26 @@ class BareLoop:
 
     def step(self, index: int) -> None:
         t, layout = self.trainer, self.trainer.layout
-        for chunk in t.o.model_chunks:
+        for chunk in t.model_chunks:
             chunk.zero_grad_buffer()
-        t.o.optimizer.zero_grad()
+        t.session.optimizer.zero_grad()
         self.forward_backward(
             forward_step_func=_bare_forward_step,
             data_iterator=microbatches(t.data.train, layout, index),
-            model=t.o.model_chunks,
+            model=t.model_chunks,
             num_microbatches=layout.num_microbatches,
             seq_length=t.stage.seq_length,
             micro_batch_size=layout.micro_batch_size,
             forward_only=False,
         )
-        t.o.optimizer.step()
+        t.session.optimizer.step()
 
 
 def driver_step(trainer, index: int):
-    """``Trainer.fit()``'s loop body for global step ``index``; returns its StepResult."""
+    """``Trainer.fit()``'s loop body (``run_step``) reading batch ``index``, i.e. global step
+    ``index + 1``; returns its StepResult."""
     trainer.step = index
-    trainer._ensure_stage()
-    result = trainer.train_step()
-    trainer.step += 1
-    trainer.callbacks.after_step(trainer, result)
-    return result
+    return trainer.run_step()
 
 
 def _host_us(fn, calls: int) -> tuple[float, float]:
@@ -134,17 +131,18 @@ def driver_parts(trainer, result, last_step: int, calls: int = 400) -> None:
 
     import torch.distributed as dist
 
-    from orchestration.schedule import apply_lr
-    from orchestration.stages import lr_for_step, weight_decay_for_step
+    from megatron_patches.optimizer import apply_lr
+    from orchestration.loop.lr import lr_for_step, weight_decay_for_step
 
     t, steps = trainer, iter(range(10**9))
 
     def bookkeeping() -> None:
-        t._ensure_stage()
-        lr = lr_for_step(t.cfg, t.stages, t.step)
-        apply_lr(t.o.optimizer, lr, weight_decay_for_step(t.cfg, t.stages, t.step))
-        t.callbacks.before_step(t)
-        t.data_step()
+        step = t.step + 1
+        t.enter_stage(step)
+        lr = lr_for_step(t.cfg, t.stages, step)
+        apply_lr(t.session.optimizer, lr, weight_decay_for_step(t.cfg, t.stages, step))
+        t.callbacks.before_step(t, step)
+        t.batch_for_step(step)
 
     def skip_reduce() -> None:  # trainer._forward_backward_loss after the schedule
         total = torch.zeros(2, dtype=torch.float64, device=comm_device())
@@ -154,7 +152,7 @@ def driver_parts(trainer, result, last_step: int, calls: int = 400) -> None:
         total.tolist()
 
     def after(cb) -> None:
-        cb.after_step(t, dataclasses.replace(result, step=next(steps) % last_step))
+        cb.after_step(t, dataclasses.replace(result, step=next(steps) % last_step + 1))
 
     parts = {
         "pre-step bookkeeping (LR, WD, before_step, remap)": bookkeeping,
@@ -175,15 +173,15 @@ def driver_parts(trainer, result, last_step: int, calls: int = 400) -> None:
 
 
 def build(a: argparse.Namespace, run_dir: str, max_steps: int):
-    from orchestration.setup import build_training
+    from orchestration.loop.session import build_session
+    from orchestration.loop.trainer import Trainer
     from orchestration.train import default_callbacks
-    from orchestration.trainer import Trainer
 
     cfg = compose_config(bench_overrides(a, run_dir, max_steps))
-    objects = build_training(cfg)
+    objects = build_session(cfg)
     trainer = Trainer(cfg, objects, default_callbacks(cfg, objects))
     trainer.callbacks.on_fit_start(trainer)  # installs the stop-signal handler, as fit() does
-    trainer._ensure_stage()
+    trainer.enter_stage(1)
     return trainer
 
 
@@ -251,7 +249,7 @@ def report(res: dict, a: argparse.Namespace, trainer) -> None:
     )
     print(
         f"driver steps without an update: {len(res['skipped'])}; "
-        f"stop requested: {trainer.stop_requested}"
+        f"stop requested: {trainer.control.stop}"
     )
     for clock in ("wall", "cpu"):
         report_times(res["times"][clock], clock)

@@ -12,7 +12,7 @@ Both sides encode the same documents with the same number of worker processes:
 
 Repetitions alternate (pipeline, baseline, pipeline, ...) so drift affects both; medians are
 reported. Throughput is counted in content tokens (sentencepiece's, EOS excluded) for both.
-The corpus is the embedded demo corpus (``data_prep.demo``), repeated ``--copies`` times.
+The corpus is the embedded demo corpus (``data_prep.prepare_demo``), repeated ``--copies`` times.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.demo import prepare_demo_data  # noqa: E402
 from data_prep.demo_corpus import SOURCES  # noqa: E402
 from data_prep.pipeline import TokenizeOptions  # noqa: E402
+from data_prep.prepare_demo import prepare_demo_data  # noqa: E402
 from data_prep.tokenize_cli import run_tokenize  # noqa: E402
 from data_prep.writer import megatron_indexed_dataset  # noqa: E402
 

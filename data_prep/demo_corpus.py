@@ -26,6 +26,7 @@ from itertools import chain
 from pathlib import Path
 
 from data_prep.demo_math import math_documents
+from orchestration.common.files import write_json_atomic
 
 SOURCES = ("prose", "code", "math")
 PROSE_BYTES = 3_000_000
@@ -188,5 +189,5 @@ def build_demo_corpus(out_dir: Path, seed: int = 0, scale: float = 1.0) -> dict:
     manifest = {"seed": seed, "scale": scale, "sources": {}}
     for name, docs in generators.items():
         manifest["sources"][name] = _write_jsonl(out_dir / f"{name}.jsonl", name, docs)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    write_json_atomic(out_dir / "manifest.json", manifest, indent=1, sort_keys=False)
     return manifest

@@ -13,21 +13,14 @@
 A source is one JSONL file (plain, .gz or .zst), named by ``name=path`` or after the file.
 """
 
-import os as _os
-import sys as _sys
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
 
-if __name__ == "__main__" and not __package__:  # see data_prep/tokenize.py
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from itertools import islice  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from data_prep.jsonl_io import iter_texts, source_name  # noqa: E402
+from data_prep.jsonl_io import iter_texts, source_name
+from orchestration.common.files import write_json_atomic
 
 
 @dataclass
@@ -137,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reports = fertility_report(a.tokenizer, parse_sources(a.sources), a.text_key, a.max_docs)
     except (FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=_sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(reports))
     if a.json:
-        Path(a.json).write_text(json.dumps([r.as_dict() for r in reports], indent=1) + "\n")
+        write_json_atomic(a.json, [r.as_dict() for r in reports], indent=1, sort_keys=False)
     return 0
 
 
 if __name__ == "__main__":
-    _sys.exit(main())
+    sys.exit(main())

@@ -10,14 +10,6 @@ downloaded. ``python -m data_prep.mix conf/data/k2_stage1.yaml --stage-tokens 1.
 
 from __future__ import annotations
 
-import os as _os
-import sys as _sys
-
-if __name__ == "__main__" and not __package__:  # run as a script: see data_prep/tokenize.py
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
-
 import argparse
 import json
 import sys
@@ -43,40 +35,43 @@ class SourceShare:
 
 def count_tokens(prefix: str) -> int:
     """Tokens in a Megatron dataset, from its ``.idx`` alone (no ``.bin`` read or needed)."""
-    from data_prep.writer import megatron_indexed_dataset
+    from megatron_patches.datasets import count_tokens as _count
 
-    index = megatron_indexed_dataset()._IndexReader(prefix + ".idx", multimodal=False)
-    try:
-        return int(index.sequence_lengths.sum(dtype="int64"))
-    finally:
-        del index
+    return _count(prefix)
 
 
-def _source_tokens(src: dict) -> int:
-    path = str(src.get("path") or "")
+def _get(src, key: str, default=None):
+    """A source's field, from a ``SourceConfig`` or a plain dict."""
+    value = src.get(key, default) if isinstance(src, dict) else getattr(src, key, default)
+    return default if value is None else value
+
+
+def _source_tokens(src) -> int:
+    path = str(_get(src, "path", ""))
     if path and Path(path + ".idx").is_file():
         return count_tokens(path)
-    if src.get("tokens") is not None:
-        return int(src["tokens"])
+    if _get(src, "tokens") is not None:
+        return int(_get(src, "tokens"))
     raise ValueError(
-        f"source '{src.get('name', '?')}': no index at {path}.idx and no `tokens` given; "
+        f"source '{_get(src, 'name', '?')}': no index at {path}.idx and no `tokens` given; "
         "tokenize it (data_prep/tokenize.py) or set its published token count"
     )
 
 
-def compute_mix(sources: list[dict], stage_tokens: int | None = None) -> list[SourceShare]:
+def compute_mix(sources: list, stage_tokens: int | None = None) -> list[SourceShare]:
     """Shares of each source; with ``stage_tokens``, effective tokens for that stage size.
 
     Without ``stage_tokens`` a source's effective tokens are ``tokens x multiplier`` (the stage
-    the mix describes); with it they are ``share x stage_tokens``.
+    the mix describes); with it they are ``share x stage_tokens``. ``sources`` are
+    ``SourceConfig`` objects or dicts with the same keys.
     """
     if not sources:
         raise ValueError("the mix has no sources")
     rows = []
     for src in sources:
-        mult = float(src.get("multiplier", 1.0))
+        mult = float(_get(src, "multiplier", 1.0))
         if mult < 0:
-            raise ValueError(f"source '{src.get('name', '?')}': multiplier {mult} is negative")
+            raise ValueError(f"source '{_get(src, 'name', '?')}': multiplier {mult} is negative")
         tokens = _source_tokens(src)
         rows.append((src, tokens, mult, tokens * mult))
     total = sum(r[3] for r in rows)
@@ -84,8 +79,8 @@ def compute_mix(sources: list[dict], stage_tokens: int | None = None) -> list[So
         raise ValueError("the mix has no tokens (every source is empty or has multiplier 0)")
     return [
         SourceShare(
-            name=str(src.get("name", "")),
-            path=str(src.get("path", "")),
+            name=str(_get(src, "name", "")),
+            path=str(_get(src, "path", "")),
             tokens=tokens,
             multiplier=mult,
             share=eff / total,
@@ -138,10 +133,11 @@ def format_table(shares: list[SourceShare], stage_tokens: int | None = None) -> 
 
 
 def load_mix(path: str | Path) -> dict:
-    """A mix YAML with ``${oc.env:...}`` resolved, as a plain dict."""
-    from omegaconf import OmegaConf
+    """A mix YAML, checked against the ``DataConfig`` schema training reads (unknown keys and
+    wrong types fail naming the file), as a plain dict with ``${oc.env:...}`` resolved."""
+    from orchestration.config import load_data_mix, to_dict
 
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return to_dict(load_data_mix(path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         mix = load_mix(a.config)
-        shares = compute_mix(mix.get("sources") or [], a.stage_tokens)
+        shares = compute_mix(mix["sources"], a.stage_tokens)
     except (OSError, ValueError) as e:
         print(f"error: {a.config}: {e}", file=sys.stderr)
         return 2
     if a.json:
         print(json.dumps([asdict(s) for s in shares], indent=1))
     else:
-        print(f"mix {mix.get('name', a.config)} (split {mix.get('split', '?')})")
+        print(f"mix {mix['name'] or a.config} (split {mix['split']})")
         print(format_table(shares, a.stage_tokens))
     return 0
 

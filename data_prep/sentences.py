@@ -20,6 +20,8 @@ from pathlib import Path
 
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer, PunktTrainer
 
+from orchestration.common.files import write_json_atomic
+
 
 def train_punkt(texts: Iterable[str]) -> PunktParameters:
     """Learn Punkt parameters from raw documents (one pass, streamed)."""
@@ -39,7 +41,7 @@ def save_punkt(params: PunktParameters, path: str | Path) -> None:
         "sent_starters": sorted(params.sent_starters),
         "ortho_context": dict(sorted(params.ortho_context.items())),
     }
-    Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    write_json_atomic(path, data, indent=1, sort_keys=False)
 
 
 def _from_dict(data: dict) -> PunktParameters:

@@ -243,3 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in summaries:
         print(_report(s))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

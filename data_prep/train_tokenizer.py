@@ -19,24 +19,17 @@ Choices, and why:
   and the same inputs and seed give the same sample (its sha256 is in the metadata).
 """
 
-import os as _os
-import sys as _sys
+import argparse
+import hashlib
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-if __name__ == "__main__" and not __package__:  # see data_prep/tokenize.py
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
-
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from data_prep.fim import FIM_PIECES  # noqa: E402
-from data_prep.jsonl_io import expand_inputs, iter_texts  # noqa: E402
+from data_prep.fim import FIM_PIECES
+from data_prep.jsonl_io import expand_inputs, iter_texts
+from orchestration.common.files import write_json_atomic
 
 MAX_LINE_CHARS = 4096  # longer lines are cut: sentencepiece skips sentences over its byte limit
 
@@ -163,7 +156,7 @@ def train_tokenizer(
             f"{len(lines)} lines ({e}); use a smaller vocabulary or more data"
         ) from e
     meta = _metadata(prefix, sha.hexdigest(), len(docs), len(lines), inputs, controls, options)
-    Path(f"{prefix}.meta.json").write_text(json.dumps(asdict(meta), indent=1) + "\n")
+    write_json_atomic(f"{prefix}.meta.json", asdict(meta), indent=1, sort_keys=False)
     return meta
 
 
@@ -238,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             a.verbose,
         )
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=_sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(
         f"wrote {meta.model} ({meta.vocab_size} pieces; sample {meta.sample_documents} docs, "
@@ -249,4 +242,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    _sys.exit(main())
+    sys.exit(main())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from array import array
 from pathlib import Path
 
@@ -27,10 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def megatron_indexed_dataset():
-    with warnings.catch_warnings():  # Megatron warns about missing Apex/TE on import
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset
-    return indexed_dataset
+    """Megatron's indexed-dataset module, imported on first use (it takes seconds)."""
+    from megatron_patches.datasets import indexed_dataset_module
+
+    return indexed_dataset_module()
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger] | type[np.signedinteger]:

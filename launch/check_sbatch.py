@@ -7,7 +7,7 @@
 Why: a missing ``--requeue`` or ``--signal`` is only noticed when a 480-GPU job dies at its
 time limit without a checkpoint. sbatch reads ``#SBATCH`` lines only up to the first command,
 and so does this parser. ``--show-torchrun`` sources launch/common.sh with the given SLURM_*
-environment (no scontrol needed: common.sh falls back to launch/nodelist.py).
+environment (no scontrol needed: common.sh falls back to orchestration/cluster/nodelist.py).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 #   CONTAINER_MOUNTS extra comma-separated host:container mounts for the container
 #   TORCHRUN        launcher command (default: torchrun on PATH, else .venv/bin/torchrun)
 #   MASTER_ADDR/MASTER_PORT  rendezvous host/port (default: first node / derived from job id)
-#   PYTHON          python for launch/nodelist.py when scontrol is absent (default: python3)
+#   PYTHON          python for orchestration/cluster/nodelist.py without scontrol (default: python3)
 
 LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="${REPO_DIR:-$(dirname "$LAUNCH_DIR")}"
@@ -22,12 +22,13 @@ log_msg() {
 }
 
 # Hosts of a SLURM node list, one per line. scontrol knows every syntax SLURM emits; where it is
-# missing (containers, laptops, tests) launch/nodelist.py handles ranges, padding and suffixes.
+# missing (containers, laptops, tests) orchestration/cluster/nodelist.py (standard library only)
+# handles ranges, padding and suffixes.
 expand_nodelist() {
   if command -v scontrol >/dev/null 2>&1; then
     scontrol show hostnames "$1"
   else
-    "$PYTHON" "$LAUNCH_DIR/nodelist.py" "$1"
+    (cd "$REPO_DIR" && "$PYTHON" -m orchestration.cluster.nodelist "$1")
   fi
 }
 
@@ -36,7 +37,7 @@ first_host() {
   expand_nodelist "$1" | awk 'NR == 1'
 }
 
-# Port from the job id (same rule as orchestration.slurm.master_port): 10000-29999 is below the
+# Port from the job id (same rule as orchestration.cluster.slurm.master_port): 10000-29999 is below the
 # kernel's ephemeral range, and two jobs sharing a node rarely collide.
 master_port() {
   echo $((10000 + ${1:-0} % 20000))
@@ -153,7 +154,7 @@ print_srun_cmd() {
   echo
 }
 
-# Newest complete checkpoint of a run dir (orchestration/checkpoint.py's layout).
+# Newest complete checkpoint of a run dir (orchestration/checkpoint/layout.py).
 latest_checkpoint() {
   local dir latest=""
   for dir in "$1"/checkpoints/step_*; do
@@ -165,7 +166,7 @@ latest_checkpoint() {
 }
 
 # Requeue from the batch shell (on the host, where scontrol exists) when rank 0 could not,
-# e.g. inside a container: orchestration.slurm.requeue_job leaves this file behind.
+# e.g. inside a container: orchestration.cluster.slurm.requeue_job leaves this file behind.
 requeue_if_requested() {
   local request="$1/requeue.request"
   [[ -f "$request" ]] || return 0

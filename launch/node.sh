@@ -9,7 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # SLURM's --signal=USR1@120 (no "B:") reaches every process of the step, torchrun included.
 # torchrun installs no USR1 handler, so the default action would kill it and its ranks before
 # they could checkpoint. An ignored disposition survives exec and fork, so torchrun ignores
-# the signal; each training rank replaces the disposition with orchestration.slurm's handler.
+# the signal; each training rank replaces the disposition with orchestration.cluster.signals' handler.
 trap '' USR1
 
 build_torchrun_cmd "$@"

@@ -2,7 +2,7 @@
 
 Why a module of our own: the architecture is chosen in two places in Megatron-Core, the layer
 ``ModuleSpec`` (which classes: norm, attention, MLP) and the ``TransformerConfig`` (how they
-behave: RMSNorm vs LayerNorm, gated SiLU, biases, query groups). ``orchestration.build`` sets the
+behave: RMSNorm vs LayerNorm, gated SiLU, biases, query groups). ``megatron_patches.configs`` sets the
 config; this module picks the classes, with Transformer Engine's fused modules when TE imports
 and Megatron's own local modules otherwise (CPU, or a cluster without TE).
 

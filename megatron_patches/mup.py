@@ -21,7 +21,7 @@ Where it hooks in (extension points, no monkey-patching):
 - The built ``GPTModel``: forward hooks on ``embedding`` and ``output_layer`` apply the two
   multipliers (:func:`apply_mup_to_model`).
 - ``get_megatron_optimizer(config_overrides=...)``: one ``ParamKey`` for hidden matrices sets the
-  group's ``lr_mult`` (which ``orchestration.schedule.apply_lr`` honours) and ``eps``.
+  group's ``lr_mult`` (which ``megatron_patches.optimizer.apply_lr`` honours) and ``eps``.
 
 megatron-core 0.16.1 has no muP; upstream added ``use_mup`` and friends later. The rules above
 are the same, so moving to upstream's fields must not change a model (the export test folds the

@@ -1,10 +1,8 @@
-"""Average the weights of several checkpoints of a run into a new checkpoint.
+"""``python -m orchestration.average RUN_DIR (--last K | --steps a,b,c) [--ema DECAY] --out DIR``
 
-``python -m orchestration.average RUN_DIR (--last K | --steps a,b,c) [--ema DECAY] --out DIR``
-
-Why: the mean of the last few checkpoints (or an EMA-style weighting of them) is often a
-better model than the last one alone, at no training cost (LAWA, Kaddour 2022; Sanyal et al.
-2023). Each checkpoint is loaded into one TP=1/PP=1 CPU model (Megatron reshards whatever
+Average the weights of several checkpoints of a run into a new checkpoint. Why: the mean of
+the last few checkpoints (or an EMA-style weighting of them) is often a better model than the
+last one alone, at no training cost (LAWA, Kaddour 2022; Sanyal et al. 2023). Each checkpoint is loaded into one TP=1/PP=1 CPU model (Megatron reshards whatever
 layout it was saved at), the weighted sum is accumulated in float64, and the result is saved
 with ``dist_checkpointing`` like any checkpoint, without optimizer state, so a run can start
 from it with ``checkpoint.load=DIR checkpoint.load_optimizer=false`` at any layout. Keep DIR
@@ -14,7 +12,6 @@ out of a run's ``checkpoints/`` folder: a resume there would pick it up as the n
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -23,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from orchestration import checkpoint as ckpt
+from orchestration.checkpoint import layout as ckpt
+from orchestration.checkpoint import store
+from orchestration.common.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +59,12 @@ def average(
     paths: list[Path], weights: list[float], out: Path, run_config: Path | None = None
 ) -> Path:
     """Write the weighted average of the checkpoints ``paths`` to the checkpoint dir ``out``."""
-    from megatron.core import dist_checkpointing
+    from megatron_patches.checkpointing import save_weights_only
+    from megatron_patches.parallel import single_process_world
+    from orchestration.hf.offline import build_cpu_model, checkpoint_run_config
 
-    from orchestration.export import build_cpu_model, init_single_process, load_run_config
-
-    init_single_process()
-    cfg = load_run_config(paths[-1], run_config)
+    single_process_world()
+    cfg = checkpoint_run_config(paths[-1], run_config)
     layouts = {ckpt.read_metadata(p).get("layout", {}).get("tp", 1) for p in paths}
     if len(layouts) > 1:  # the padded vocabulary depends on the TP size it was saved at
         raise ValueError(f"checkpoints were saved at different TP sizes {sorted(layouts)}")
@@ -81,7 +80,7 @@ def average(
     tmp.mkdir(parents=True)
     steps = [ckpt.read_metadata(p)["step"] for p in paths]
     trainer_state = {"step": steps[-1], "averaged_from": steps}
-    dist_checkpointing.save(ckpt.sharded_state(model, None, trainer_state, False, False), str(tmp))
+    save_weights_only(model, trainer_state, tmp)
     _write_run_config(cfg, tmp / "run_config.yaml")
     info = {
         "step": steps[-1],
@@ -93,7 +92,7 @@ def average(
             for p, s, w in zip(paths, steps, weights, strict=True)
         ],
     }
-    (tmp / "checkpoint_info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    write_json_atomic(tmp / ckpt.INFO_FILE, info)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -107,14 +106,14 @@ def _write_run_config(cfg, path: Path) -> None:
 
     from orchestration.config import to_dict
 
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _weighted_sum(model, paths: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
     """sum_i w_i * weights_i in float64, loading one checkpoint at a time into ``model``."""
     total: dict[str, torch.Tensor] = {}
     for path, weight in zip(paths, weights, strict=True):
-        ckpt.load(path, model, None, with_optimizer=False)
+        store.load(path, model, None, with_optimizer=False)
         for name, tensor in model.state_dict().items():
             if not isinstance(tensor, torch.Tensor) or name.endswith("_extra_state"):
                 continue

@@ -1,6 +1,6 @@
-"""The README's main job: the whole pipeline on the built-in default, on CPU, in minutes.
+"""``python -m orchestration.demo``: the README's main job, end to end on CPU, in minutes.
 
-``python -m orchestration.demo`` builds the embedded demo corpus (stdlib prose and code plus
+It builds the embedded demo corpus (stdlib prose and code plus
 generated arithmetic), trains its tokenizer, tokenizes it to Megatron indexed files, prints the
 mix, trains the tiny LLaMA through the real CLI (``python -m orchestration.train
 experiment=demo``), then reports the loss against the corpus' unigram entropy: a model that
@@ -22,12 +22,11 @@ import numpy as np
 
 def unigram_entropy(prefixes: dict[str, str], weights: dict[str, float]) -> float:
     """Entropy (nats) of the blend's token distribution: the loss of a frequency-only model."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron_patches.datasets import read_tokens
 
     mixture = None
     for name, prefix in prefixes.items():
-        dataset = IndexedDataset(prefix)
-        tokens = np.fromfile(prefix + ".bin", dtype=dataset.index.dtype)
+        tokens = read_tokens(prefix)
         counts = np.bincount(tokens.astype(np.int64)).astype(np.float64)
         dist = np.zeros(1 << 16)
         dist[: counts.size] = counts / counts.sum()
@@ -37,14 +36,13 @@ def unigram_entropy(prefixes: dict[str, str], weights: dict[str, float]) -> floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_prep.demo import prepare_demo_data
     from data_prep.mix import blend_for_megatron, compute_mix
+    from data_prep.prepare_demo import prepare_demo_data
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     data_dir = Path(os.environ.get("OPT_DATA_DIR", "data")) / "demo"
     demo = prepare_demo_data(data_dir)
-    shares = compute_mix([{"name": n, "path": p, "multiplier": m} for n, p, m in
-                          _demo_sources(demo.prefixes)])
+    shares = compute_mix(_demo_sources(demo.prefixes))
     paths, weights = blend_for_megatron(shares)
     entropy = unigram_entropy(demo.prefixes, {s.name: w for s, w in zip(shares, weights, strict=False)})
     print(f"unigram entropy of the demo mix: {entropy:.3f} nats", flush=True)
@@ -60,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export_and_sample(run_dir: Path) -> None:
     """Export the final checkpoint to Hugging Face format and generate from it there."""
-    from orchestration.checkpoint import checkpoint_dir, complete_checkpoints
+    from orchestration.checkpoint.layout import checkpoint_dir, complete_checkpoints
 
     final = complete_checkpoints(checkpoint_dir(run_dir))[-1]
     out = run_dir / "hf"
@@ -84,12 +82,13 @@ def _export_and_sample(run_dir: Path) -> None:
         print(f"in-training sample gallery: {gallery}")
 
 
-def _demo_sources(prefixes: dict[str, str]):
-    from omegaconf import OmegaConf
+def _demo_sources(prefixes: dict[str, str]) -> list:
+    """The demo mix's sources (conf/data/demo.yaml) at the prefixes just built."""
+    from orchestration.config import SourceConfig, load_data_mix
 
-    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "demo.yaml")
-    multipliers = {s["name"]: s["multiplier"] for s in conf.sources}
-    return [(name, prefix, multipliers.get(name, 1.0)) for name, prefix in prefixes.items()]
+    multipliers = {s.name: s.multiplier for s in load_data_mix("demo").sources}
+    return [SourceConfig(name=name, path=prefix, multiplier=multipliers.get(name, 1.0))
+            for name, prefix in prefixes.items()]
 
 
 def _report(run_dir: Path, entropy: float) -> int:

@@ -23,8 +23,10 @@ from typing import Any
 
 import yaml
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-TASK_DIR = REPO_DIR / "conf" / "eval" / "tasks"
+from orchestration.common.files import write_json_atomic
+from orchestration.common.paths import CONF_DIR
+
+TASK_DIR = CONF_DIR / "eval" / "tasks"
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -129,7 +131,7 @@ def evaluate_run(
 
     A step whose results file already holds the same tasks and limit is not re-run.
     """
-    from orchestration.checkpoint import checkpoint_dir, complete_checkpoints, read_metadata
+    from orchestration.checkpoint.layout import checkpoint_dir, complete_checkpoints, read_metadata
     from orchestration.export import export
 
     eval_dir = Path(run_dir) / "eval"
@@ -178,13 +180,6 @@ def _cell(value: Any) -> str:
 def _export_info(hf_dir: Path) -> dict[str, Any]:
     path = Path(hf_dir) / "export_info.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,52 +1,38 @@
-"""Plan a training run before asking for a cluster: parameters, FLOPs, memory, days; fit laws.
+"""``python -m orchestration.plan``: budget a run before asking for a cluster; fit scaling laws.
 
 ``python -m orchestration.plan --model k2_65b --tokens 1.4e12 --tp 8 --pp 4 --dp 15``
-prints the budget of one run; ``python -m orchestration.plan fit runs.csv`` fits the Chinchilla
-law to small runs and says how to spend a bigger FLOP budget. Memory and activation formulas
-are documented on :func:`memory_per_gpu` and :func:`activation_bytes_per_layer`, the law fit
-on :func:`fit_chinchilla`.
+prints the budget of one run: parameters, FLOPs, memory per GPU and days;
+``python -m orchestration.plan fit runs.csv`` fits the Chinchilla law to small runs and says how
+to spend a bigger FLOP budget. The arithmetic lives in ``orchestration.metrics.flops``,
+``orchestration.planning.memory`` and ``orchestration.planning.scaling_law``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import itertools
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-from omegaconf import OmegaConf
+from orchestration.common.paths import CONF_DIR
+from orchestration.config import load_model_config
+from orchestration.metrics.flops import PEAK_BF16_FLOPS, flops_per_token, parameter_count
+from orchestration.planning.memory import (  # noqa: F401  (re-exported for callers)
+    MemoryEstimate,
+    activation_bytes_per_layer,
+    memory_per_gpu,
+    stage_params,
+)
+from orchestration.planning.scaling_law import (  # noqa: F401  (re-exported for callers)
+    ChinchillaFit,
+    fit_chinchilla,
+    read_runs,
+)
 
-from orchestration.config import ModelConfig, padded_vocab_size
-from orchestration.flops import PEAK_BF16_FLOPS, flops_per_token, parameter_count
-
-DEFAULT_CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
-ADAM_BYTES_PER_PARAM = 12  # fp32 master weight + Adam's two fp32 moments
 GIB = 2**30
-
-
-def load_model_config(name: str, conf_dir: Path = DEFAULT_CONF_DIR) -> ModelConfig:
-    """Read ``conf/model/<name>.yaml`` (or a YAML path) into the typed :class:`ModelConfig`.
-
-    A ``defaults`` list is dropped and a file wrapping everything under ``model:`` is unwrapped,
-    so both Hydra group files and plain dumps load; unknown keys fail as in Hydra.
-    """
-    path = Path(name)
-    if path.suffix not in (".yaml", ".yml") or not path.is_file():
-        path = conf_dir / "model" / f"{name}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no model config {name!r} (looked for {path})")
-    raw = OmegaConf.load(path)
-    raw.pop("defaults", None)
-    if set(raw.keys()) == {"model"}:
-        raw = raw.model
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), raw)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 def chinchilla_tokens(parameters: float) -> float:
@@ -56,126 +42,6 @@ def chinchilla_tokens(parameters: float) -> float:
 
 def training_days(total_flops: float, num_gpus: int, peak: float, mfu: float) -> float:
     return total_flops / (num_gpus * peak * mfu) / 86400.0
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per GPU on the most loaded pipeline stage (see :func:`memory_per_gpu`)."""
-
-    params_per_gpu: int
-    weights: float
-    grads: float
-    optimizer: float
-    activations: float
-    activations_full_recompute: float
-
-    @property
-    def model_state(self) -> float:
-        return self.weights + self.grads + self.optimizer
-
-    @property
-    def total(self) -> float:
-        return self.model_state + self.activations
-
-    @property
-    def total_full_recompute(self) -> float:
-        return self.model_state + self.activations_full_recompute
-
-
-def stage_params(model: ModelConfig, tp: int, pp: int) -> int:
-    """Parameters one GPU holds on the heaviest pipeline stage.
-
-    Layers split evenly over PP stages and every weight over TP (norm weights and row-parallel
-    biases are replicated across TP in Megatron; we ignore that <0.01 % here). The first stage
-    also holds the input embedding, the last one the output layer and final norm; with tied
-    embeddings and PP > 1 the last stage keeps its own copy of the embedding, so it counts too.
-    """
-    count = parameter_count(model, tp)
-    vocab_weight = padded_vocab_size(model, tp) * model.hidden_size
-    layers = model.num_layers // pp * count.per_layer
-    final_norm = count.non_embedding - model.num_layers * count.per_layer
-    output = count.output if (count.output or pp == 1) else vocab_weight
-    ends = (
-        (count.embedding + output + final_norm)
-        if pp == 1
-        else max(count.embedding, output + final_norm)
-    )
-    return -(-(layers + ends) // tp)
-
-
-def activation_bytes_per_layer(
-    model: ModelConfig,
-    seq_length: int,
-    micro_batch: int,
-    tp: int,
-    sequence_parallel: bool,
-    flash_attention: bool = True,
-) -> float:
-    """Activation bytes one transformer layer stores for backward (bf16, 1-byte dropout masks).
-
-    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
-    eq. 1-4: ``s*b*h*(34 + 5*a*s/h)`` bytes per layer, with TP ``s*b*h*(10 + 24/t + 5*a*s/(h*t))``
-    and with TP + sequence parallelism everything divided by t. Their 34 = 11 (attention:
-    QKV input 2, Q and K 4, V 2, projection input 2, dropout mask 1) + 19 (MLP with 4h GeLU:
-    fc1 input 2, GeLU input 8, fc2 input 8, dropout mask 1) + 4 (two norm inputs); 10 of it
-    (norm inputs, QKV and fc1 inputs, dropout masks) is not split by TP without SP.
-    We generalise the TP-split part to GQA (K and V are groups*head_dim wide) and any ffn/SwiGLU
-    (fc1 output 2*f wide), which reproduces 34 for GPT-3 shapes. ``5*a*s^2*b`` (softmax output,
-    its dropout mask and dropout output) is dropped with flash/fused attention, which recomputes
-    the scores in backward; Megatron on GPUs uses it, so it is the default.
-    """
-    h, f = model.hidden_size, model.ffn_hidden_size
-    kv = model.num_query_groups * (h // model.num_attention_heads)
-    fc1_out = 2 * f if model.activation == "swiglu" else f
-    split = 2 * h + 4 * kv + 2 * h + 2 * fc1_out + 2 * f
-    replicated = 10 * h
-    per_token = split / tp + replicated / (tp if sequence_parallel else 1)
-    scores = 0.0 if flash_attention else 5 * model.num_attention_heads * seq_length / tp
-    return seq_length * micro_batch * (per_token + scores)
-
-
-def memory_per_gpu(
-    model: ModelConfig,
-    tp: int = 1,
-    pp: int = 1,
-    dp: int = 1,
-    micro_batch: int = 1,
-    seq_length: int | None = None,
-    sequence_parallel: bool | None = None,
-    flash_attention: bool = True,
-    grad_bytes: int = 4,
-    distributed_optimizer: bool = True,
-) -> MemoryEstimate:
-    """Per-GPU memory of the heaviest stage under ZeRO-1 (Megatron's distributed optimizer).
-
-    * weights: bf16, 2 bytes x :func:`stage_params` (sharded by TP and PP);
-    * grads: ``grad_bytes`` per parameter, also sharded by TP and PP. Megatron accumulates
-      into an fp32 main-grad buffer by default, and ``orchestration.build`` sets
-      ``grad_reduce_in_fp32=True``, hence 4; pass 2 for bf16 grads;
-    * optimizer: 12 bytes (fp32 master weight, Adam m and v) per parameter, additionally
-      sharded over DP when the distributed optimizer is on;
-    * activations: 1F1B keeps ``pp`` micro-batches in flight on the first stage, each with
-      L/pp layers, i.e. L layers of one micro-batch (Korthikanti et al. sec. 4.2), plus fp32
-      logits for the loss (``4*s*b*V/t``, conservatively counted on every stage). With full
-      recompute only each layer's input (``2*s*b*h``, /t with SP) is kept, plus one layer's
-      full activations while it is being recomputed.
-    Framework overhead (CUDA context, NCCL buffers, allocator fragmentation: often 3-8 GiB)
-    is not included.
-    """
-    s = model.seq_length if seq_length is None else seq_length
-    sp = tp > 1 if sequence_parallel is None else sequence_parallel
-    n = stage_params(model, tp, pp)
-    layer = activation_bytes_per_layer(model, s, micro_batch, tp, sp, flash_attention)
-    logits = 4.0 * s * micro_batch * padded_vocab_size(model, tp) / tp
-    layer_input = 2.0 * s * micro_batch * model.hidden_size / (tp if sp else 1)
-    return MemoryEstimate(
-        params_per_gpu=n,
-        weights=2.0 * n,
-        grads=float(grad_bytes) * n,
-        optimizer=ADAM_BYTES_PER_PARAM * n / (dp if distributed_optimizer else 1),
-        activations=model.num_layers * layer + logits,
-        activations_full_recompute=model.num_layers * layer_input + layer + logits,
-    )
 
 
 def _human(x: float, unit: str = "") -> str:
@@ -232,7 +98,7 @@ def build_plan(args: argparse.Namespace) -> dict:
     }
 
 
-def format_plan(p: dict) -> str:
+def format_budget(p: dict) -> str:
     par, mem, lay = p["parameters"], p["memory_gib"], p["layout"]
     lines = [
         f"model {p['model']}  (seq_length {p['seq_length']})",
@@ -256,150 +122,6 @@ def format_plan(p: dict) -> str:
     ]
     lines += [f"  MFU {float(m):.0%}: {d:7.1f} days" for m, d in p["days"].items()]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Scaling-law fit (Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", D.2)
-
-
-@dataclass(frozen=True)
-class ChinchillaFit:
-    """L(N, D) = E + A / N^alpha + B / D^beta, with the objective value it reached."""
-
-    E: float
-    A: float
-    B: float
-    alpha: float
-    beta: float
-    objective: float = 0.0
-
-    def loss(self, n: float, d: float) -> float:
-        return self.E + self.A / n**self.alpha + self.B / d**self.beta
-
-    def compute_optimal(self, flops: float) -> tuple[float, float]:
-        """(N_opt, D_opt) minimising L subject to 6ND = C (Hoffmann et al. eq. 4).
-
-        N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = G^-1 (C/6)^(alpha/(alpha+beta)),
-        G = (alpha A / (beta B))^(1/(alpha+beta)).
-        """
-        s = self.alpha + self.beta
-        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / s)
-        return g * (flops / 6.0) ** (self.beta / s), (flops / 6.0) ** (self.alpha / s) / g
-
-
-def _huber_objective(theta: np.ndarray, log_n, log_d, log_l, delta: float):
-    """Sum of Huber(LSE(a - alpha log N, b - beta log D, e) - log L), and its gradient.
-
-    Scaled by 1/delta^2 so residuals of order delta give an objective of order 1, which keeps
-    L-BFGS's relative stopping rule meaningful (the minimiser is unchanged).
-    """
-    a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-    top = terms.max(axis=0)
-    weights = np.exp(terms - top)
-    total = weights.sum(axis=0)
-    r = top + np.log(total) - log_l
-    weights /= total
-    small = np.abs(r) <= delta
-    value = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum()
-    dr = np.clip(r, -delta, delta)
-    grad = np.array(
-        [
-            (dr * weights[0]).sum(),
-            (dr * weights[1]).sum(),
-            (dr * weights[2]).sum(),
-            -(dr * weights[0] * log_n).sum(),
-            -(dr * weights[1] * log_d).sum(),
-        ]
-    )
-    return value / delta**2, grad / delta**2
-
-
-def _grid_objectives(grid: np.ndarray, log_n, log_d, log_l, delta: float) -> np.ndarray:
-    """Objective at every grid point at once, to choose where L-BFGS starts."""
-    a, b, e, alpha, beta = (grid[:, i : i + 1] for i in range(5))
-    terms = np.stack(
-        [a - alpha * log_n, b - beta * log_d, np.broadcast_to(e, a.shape) * np.ones_like(log_n)]
-    )
-    r = np.logaddexp.reduce(terms, axis=0) - log_l
-    return np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum(1)
-
-
-# Hoffmann et al.'s initialisation grid: e, alpha, beta, a, b.
-HOFFMANN_GRID = {
-    "a": np.arange(0.0, 30.0, 5.0),
-    "b": np.arange(0.0, 30.0, 5.0),
-    "e": np.arange(-1.0, 1.5, 0.5),
-    "alpha": np.arange(0.0, 2.5, 0.5),
-    "beta": np.arange(0.0, 2.5, 0.5),
-}
-
-
-def fit_chinchilla(
-    n: Sequence[float],
-    d: Sequence[float],
-    loss: Sequence[float],
-    delta: float = 1e-3,
-    starts: int = 32,
-    grid: dict[str, np.ndarray] | None = None,
-) -> ChinchillaFit:
-    """Fit L(N, D) like Hoffmann et al.: Huber loss (delta=1e-3) on log L, L-BFGS from a grid.
-
-    Parameters are fitted as a = log A, b = log B, e = log E so the prediction is a
-    log-sum-exp. The full grid (4,500 points by default) is scored in one vectorised pass
-    and L-BFGS runs from the ``starts`` best points (running it from all 4,500 takes minutes
-    and ends in the same basin); the best end point wins.
-    """
-    from scipy.optimize import minimize  # optional dependency: only the fit needs it
-
-    log_n, log_d, log_l = (np.log(np.asarray(x, dtype=float)) for x in (n, d, loss))
-    g = grid or HOFFMANN_GRID
-    points = np.array(list(itertools.product(g["a"], g["b"], g["e"], g["alpha"], g["beta"])))
-    order = np.argsort(_grid_objectives(points, log_n, log_d, log_l, delta))[:starts]
-    best = None
-    for theta0 in points[order]:
-        res = minimize(
-            _huber_objective,
-            theta0,
-            args=(log_n, log_d, log_l, delta),
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12},
-        )
-        if best is None or res.fun < best.fun:
-            best = res
-    a, b, e, alpha, beta = best.x
-    return ChinchillaFit(
-        float(np.exp(e)),
-        float(np.exp(a)),
-        float(np.exp(b)),
-        float(alpha),
-        float(beta),
-        float(best.fun) * delta**2,
-    )
-
-
-_ALIASES = {
-    "n": ("n", "params", "parameters", "n_params"),
-    "d": ("d", "tokens", "n_tokens"),
-    "loss": ("loss", "l", "final_loss", "eval_loss"),
-}
-
-
-def read_runs(path: Path) -> tuple[list[float], list[float], list[float]]:
-    """Rows of (N, D, loss) from CSV (header row) or JSON lines; column names per _ALIASES."""
-    with open(path) as fh:
-        if path.suffix in (".jsonl", ".json"):
-            rows = [json.loads(line) for line in fh if line.strip()]
-        else:
-            rows = list(csv.DictReader(fh))
-    out: dict[str, list[float]] = {}
-    for key, names in _ALIASES.items():
-        found = [c for c in (rows[0] if rows else {}) if c.strip().lower() in names]
-        if not found:
-            raise ValueError(f"{path}: no column for {key} (one of {names})")
-        out[key] = [float(r[found[0]]) for r in rows]
-    return out["n"], out["d"], out["loss"]
 
 
 def add_fit_arguments(ap: argparse.ArgumentParser) -> None:
@@ -454,7 +176,7 @@ def _plan_parser() -> argparse.ArgumentParser:
         "E + A/N^alpha + B/D^beta (see `python -m orchestration.plan fit --help`).",
     )
     ap.add_argument("--model", required=True, help="conf/model/<NAME>.yaml, or a YAML path")
-    ap.add_argument("--conf-dir", default=str(DEFAULT_CONF_DIR))
+    ap.add_argument("--conf-dir", default=str(CONF_DIR))
     ap.add_argument("--tokens", type=float, help="training tokens D (default: 20 x params)")
     ap.add_argument("--seq-length", type=int, help="override the model's seq_length")
     ap.add_argument("--tp", type=int, default=1)
@@ -478,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_fit(ap.parse_args(argv[1:]))
     args = _plan_parser().parse_args(argv)
     plan = build_plan(args)
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    print(json.dumps(plan, indent=2) if args.json else format_budget(plan))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Build every stage's dataset index cache in one process, before the training job starts.
+"""``python -m orchestration.prebuild``: every stage's data index cache, before training starts.
 
 ``python -m orchestration.prebuild experiment=k2 [key=value ...]`` takes the same config as
 ``orchestration.train`` and writes ``run_dir/data_cache`` exactly as the first training job
@@ -30,9 +30,9 @@ register_configs()
 
 def prebuild(cfg: RunConfig) -> dict[str, dict]:
     """Build (or verify) the cached datasets of every stage; returns sample counts per stage."""
-    from orchestration.distributed import single_process_group
-    from orchestration.setup import check_sources_exist, prepare_data, stage_datasets
-    from orchestration.stages import plan_stages
+    from megatron_patches.parallel import single_process_group
+    from orchestration.data.datasets import check_sources_exist, prepare_data, stage_datasets
+    from orchestration.loop.stages import plan_stages
 
     validate(cfg)
     single_process_group()

@@ -25,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
+from orchestration.common.files import write_json_atomic
+
 
 @dataclass
 class RunLog:
@@ -273,7 +275,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     plot_metric(log, "grad_norm", out / "grad_norm.png", "Gradient norm (pre-clip)", log_y=True)
     plot_throughput(log, out / "throughput.png")
     summary = summarize(log)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out / "summary.json", summary, sort_keys=False)
     (out / "summary.md").write_text(summary_markdown(summary, run_dir))
     return out
 

@@ -56,25 +56,15 @@ def megatron_env():
 
     Training runs use spawned processes (tests/dist.py); this is for inspecting built models.
     """
-    from megatron.core import parallel_state
+    from megatron_patches.parallel import seed_everything, single_process_world
 
-    from megatron_patches import cpu_compat
-    from orchestration.distributed import seed_everything, single_process_group
-
-    cpu_compat.enable(force=True)
-    single_process_group()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+    single_process_world()
     seed_everything(1234)
     yield
 
 
 def load_model_config(name: str):
     """conf/model/<name>.yaml as a typed ModelConfig."""
-    from omegaconf import OmegaConf
+    from orchestration.config import load_model_config as load
 
-    from orchestration.config import ModelConfig
-
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                             OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
-    return OmegaConf.to_object(merged)
+    return load(name)

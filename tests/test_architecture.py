@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import load_model_config
 
-from orchestration.build import build_megatron_configs
+from megatron_patches.configs import build_megatron_configs
+from megatron_patches.model import build_gpt_model
 from orchestration.config import RunConfig
-from orchestration.flops import parameter_count
-from orchestration.model import build_gpt_model
+from orchestration.metrics.flops import parameter_count
 
 
 def _build(name: str, meta: bool = False):

@@ -24,11 +24,11 @@ def two_checkpoints(megatron_env, corpus, tmp_path):
 
 
 def load_weights(path: Path, cfg) -> dict[str, torch.Tensor]:
-    from orchestration import checkpoint as ckpt
-    from orchestration.export import build_cpu_model
+    from orchestration.checkpoint import store
+    from orchestration.hf.offline import build_cpu_model
 
     model = build_cpu_model(cfg, 1)
-    ckpt.load(path, model, None, with_optimizer=False)
+    store.load(path, model, None, with_optimizer=False)
     return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 

@@ -24,7 +24,7 @@ from bench.common import (
 )
 from bench.mfu import H100_SXM_PEAK, config_overrides, mfu_or_none, parse_args, tokens_per_s
 from orchestration.config import ModelConfig
-from orchestration.flops import flops_per_token
+from orchestration.metrics.flops import flops_per_token
 
 
 def test_summarize_median_and_quartiles():
@@ -147,7 +147,8 @@ def test_fake_k2_index_round_trips(tmp_path: Path):
 def test_raw_baseline_reads_the_same_tokens_as_gpt_dataset(corpus, megatron_env, tmp_path):
     from bench.dataloader_bench import read_raw, sample_spans
     from orchestration.config import DataConfig, SourceConfig
-    from orchestration.data import TokenizerInfo, build_datasets
+    from orchestration.data.datasets import build_datasets
+    from orchestration.data.tokenizer import TokenizerInfo
 
     data = DataConfig(
         tokenizer_model=corpus["tokenizer"],

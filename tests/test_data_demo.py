@@ -12,9 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 from test_data_common import REPO, read_dataset
 
-from data_prep.demo import prepare_demo_data
 from data_prep.demo_corpus import build_demo_corpus
 from data_prep.demo_math import math_documents
+from data_prep.prepare_demo import prepare_demo_data
 
 # "a op b = c" steps that stand alone (not inside "(a + b)", not followed by "x d" or "/ d")
 _BINARY_STEP = re.compile(r"(?<![\d/(] )(?<![\d/(])(\d+) ([x+-]) (\d+) = (\d+)(?![\d/]| [x+-/] )")

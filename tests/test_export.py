@@ -54,13 +54,14 @@ def write_record(cfg) -> None:
 
 def save_random_checkpoint(cfg, step: int = 1, seed: int = 0):
     """(checkpoint path, model) for a random-weight TP=1 model; needs ``megatron_env``."""
-    from orchestration import checkpoint as ckpt
-    from orchestration.export import build_cpu_model
+    from orchestration.checkpoint import layout as ckpt
+    from orchestration.checkpoint import store
+    from orchestration.hf.offline import build_cpu_model
 
     model = build_cpu_model(cfg, 1)
     randomize(model, seed)
     write_record(cfg)
-    path = ckpt.save(ckpt.checkpoint_dir(cfg.run_dir), step, model, None, {"step": step}, 0)
+    path = store.save(ckpt.checkpoint_dir(cfg.run_dir), step, model, None, {"step": step}, 0)
     return path, model
 
 
@@ -143,18 +144,19 @@ def _tp2_worker(rank: int, world: int, port: int, cfg, out_dir: str) -> None:
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
     )
-    from orchestration import checkpoint as ckpt
-    from orchestration.build import build_megatron_configs
-    from orchestration.distributed import init_distributed, shutdown
-    from orchestration.generation import greedy_generate
-    from orchestration.model import build_gpt_model
+    from megatron_patches.configs import build_megatron_configs
+    from megatron_patches.generation import greedy_generate
+    from megatron_patches.model import build_gpt_model
+    from orchestration.checkpoint import layout as ckpt
+    from orchestration.checkpoint import store
+    from orchestration.cluster.distributed import init_distributed, shutdown
 
     init_distributed(cfg)
     model = build_gpt_model(cfg, build_megatron_configs(cfg, on_cpu=True))
     randomize(model, seed=0)
     if rank == 0:
         write_record(cfg)
-    ckpt.save(ckpt.checkpoint_dir(cfg.run_dir), 1, model, None, {"step": 1}, 0)
+    store.save(ckpt.checkpoint_dir(cfg.run_dir), 1, model, None, {"step": 1}, 0)
     logits = megatron_logits(model, TOKENS)
     generated = greedy_generate(model, TOKENS[0, :5].tolist(), max_new_tokens=6)
     if rank == 0:
@@ -173,7 +175,7 @@ def _free_port() -> int:
 
 def test_non_llama_architecture_is_refused():
     from orchestration.config import ModelConfig
-    from orchestration.export import UnsupportedArchitecture, check_llama_compatible
+    from orchestration.hf.llama import UnsupportedArchitecture, check_llama_compatible
 
     check_llama_compatible(ModelConfig())
     crystal = ModelConfig(normalization="LayerNorm", add_bias_linear=True, rotary_percent=0.25)
@@ -189,7 +191,7 @@ def test_tokenizer_json_segments_like_sentencepiece(corpus, tmp_path, style):
     for the test corpus's NFKC model and for data_prep's identity/byte-fallback settings."""
     import sentencepiece as spm
 
-    from orchestration.export import sentencepiece_to_tokenizers
+    from orchestration.hf.tokenizer import sentencepiece_to_tokenizers
 
     model_file = Path(corpus["tokenizer"])
     if style == "byte_fallback":
@@ -231,7 +233,7 @@ def test_mup_folding_reproduces_the_mup_forward():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from orchestration.config import RunConfig
-    from orchestration.export import fold_mup, mup_factors
+    from orchestration.hf.llama import fold_mup, mup_factors
 
     cfg = RunConfig()
     cfg.model.hidden_size, cfg.model.num_attention_heads = 64, 4  # head_dim 16
@@ -265,7 +267,7 @@ def test_mup_folding_reproduces_the_mup_forward():
 
 def test_mup_folding_unties_a_tied_embedding():
     """Tied weights serve as embedding and output with different multipliers: export unties."""
-    from orchestration.export import MupFactors, fold_mup
+    from orchestration.hf.llama import MupFactors, fold_mup
 
     w = torch.randn(8, 4)
     out = fold_mup({"model.embed_tokens.weight": w}, MupFactors(embedding=3.0, logits=0.5))
@@ -288,10 +290,11 @@ def test_mup_checkpoint_exports_with_multipliers_folded(megatron_env, corpus, tm
     (a tied embedding comes out untied, its two multipliers differing)."""
     import json
 
-    from orchestration import checkpoint as ckpt
-    from orchestration.build import build_megatron_configs
+    from megatron_patches.configs import build_megatron_configs
+    from megatron_patches.model import build_gpt_model
+    from orchestration.checkpoint import layout as ckpt
+    from orchestration.checkpoint import store
     from orchestration.export import export
-    from orchestration.model import build_gpt_model
 
     cfg = export_cfg(corpus, tmp_path / "run")
     cfg.mup.enabled, cfg.mup.base_width = True, 16
@@ -300,7 +303,7 @@ def test_mup_checkpoint_exports_with_multipliers_folded(megatron_env, corpus, tm
     model = build_gpt_model(cfg, build_megatron_configs(cfg, on_cpu=True))
     randomize(model, seed=1)
     write_record(cfg)
-    path = ckpt.save(ckpt.checkpoint_dir(cfg.run_dir), 1, model, None, {"step": 1}, 0)
+    path = store.save(ckpt.checkpoint_dir(cfg.run_dir), 1, model, None, {"step": 1}, 0)
     out = export(path, tmp_path / "hf")
     torch.testing.assert_close(
         hf_logits(out, TOKENS), megatron_logits(model, TOKENS), atol=1e-4, rtol=1e-4
@@ -310,7 +313,7 @@ def test_mup_checkpoint_exports_with_multipliers_folded(megatron_env, corpus, tm
 
 def test_exported_copy_of_config(tmp_path):
     """A checkpoint's own run_config.yaml (averaged checkpoints) wins over the run's."""
-    from orchestration.export import run_config_candidates
+    from orchestration.hf.offline import run_config_candidates
 
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
     found = run_config_candidates(ckpt)
@@ -323,7 +326,7 @@ def test_hydra_config_is_used_without_a_record(tmp_path):
     import yaml
 
     from orchestration.config import RunConfig, to_dict
-    from orchestration.export import load_run_config
+    from orchestration.hf.offline import checkpoint_run_config as load_run_config
 
     cfg = RunConfig()
     cfg.model.num_layers = 3

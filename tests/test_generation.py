@@ -25,7 +25,7 @@ def tiny(megatron_env, corpus, tmp_path):
 
 
 def test_greedy_matches_exported_model_and_restores_mode(tiny):
-    from orchestration.generation import greedy_generate
+    from megatron_patches.generation import greedy_generate
 
     cfg, model, hf_dir = tiny
     model.train()
@@ -37,7 +37,7 @@ def test_greedy_matches_exported_model_and_restores_mode(tiny):
 
 
 def test_eod_stops_and_padding_is_excluded(tiny):
-    from orchestration.generation import greedy_generate
+    from megatron_patches.generation import greedy_generate
 
     _, model, _ = tiny
     full = greedy_generate(model, [5, 17, 42], max_new_tokens=6)
@@ -52,7 +52,7 @@ def test_eod_stops_and_padding_is_excluded(tiny):
 def test_pipeline_parallel_is_refused(tiny, monkeypatch):
     from megatron.core import parallel_state
 
-    from orchestration.generation import greedy_generate
+    from megatron_patches.generation import greedy_generate
 
     monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 2)
     with pytest.raises(NotImplementedError, match="pipeline"):
@@ -62,8 +62,9 @@ def test_pipeline_parallel_is_refused(tiny, monkeypatch):
 def test_sample_gallery_writes_every_n_steps_and_at_the_end(tiny):
     import sentencepiece as spm
 
-    from orchestration.generation import SampleGalleryCallback, greedy_generate
-    from orchestration.stages import plan_stages
+    from megatron_patches.generation import greedy_generate
+    from orchestration.callbacks.samples import SampleGalleryCallback
+    from orchestration.loop.stages import plan_stages
 
     cfg, model, _ = tiny
     cfg.train.max_steps = 5
@@ -71,12 +72,13 @@ def test_sample_gallery_writes_every_n_steps_and_at_the_end(tiny):
         cfg=cfg,
         run_dir=Path(cfg.run_dir),
         stages=plan_stages(cfg),
-        o=SimpleNamespace(model_chunks=[model]),
+        model_chunks=[model],
+        is_main=True,
     )
     prompts = ["the cat sees", "3 plus 4 equals"]
     gallery = SampleGalleryCallback(prompts, every_steps=2, max_new_tokens=5)
     gallery.on_fit_start(trainer)
-    for step in range(5):
+    for step in range(1, 6):
         gallery.after_step(trainer, SimpleNamespace(step=step))
     lines = (Path(cfg.run_dir) / "samples.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
@@ -88,7 +90,7 @@ def test_sample_gallery_writes_every_n_steps_and_at_the_end(tiny):
 
 
 def test_greedy_generate_needs_a_prompt(tiny):
-    from orchestration.generation import greedy_generate
+    from megatron_patches.generation import greedy_generate
 
     with pytest.raises(ValueError):
         greedy_generate(tiny[1], [], 3)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from megatron.core.optimizer import get_megatron_optimizer
 
+from megatron_patches.configs import build_megatron_configs
 from megatron_patches.guarded_step import guarded_step
-from orchestration.build import build_megatron_configs
+from megatron_patches.model import build_gpt_model, unwrap, wrap_for_training
+from megatron_patches.parallel import seed_everything
 from orchestration.config import RunConfig
-from orchestration.distributed import seed_everything
-from orchestration.model import build_gpt_model, unwrap, wrap_for_training
 
 
 def _model_and_optimizer():

@@ -13,7 +13,7 @@ import pytest
 
 from launch.check_sbatch import header_errors, parse_sbatch_headers, run_shellcheck
 from launch.cluster import exports, load_preset, sbatch_args, time_to_minutes
-from launch.nodelist import expand_nodelist
+from orchestration.cluster.nodelist import expand_nodelist
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH_SCRIPTS = sorted((REPO / "launch").glob("*.sbatch"))
@@ -241,7 +241,7 @@ def test_nodelist_rejects_malformed(bad):
 
 
 def test_nodelist_cli():
-    proc = subprocess.run([sys.executable, "launch/nodelist.py", "x[1-3]"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "orchestration.cluster.nodelist", "x[1-3]"], cwd=REPO,
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert proc.stdout.split() == ["x1", "x2", "x3"]
 

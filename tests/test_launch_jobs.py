@@ -37,7 +37,8 @@ if os.environ.get("ASK_REQUEUE"):
 def job_env(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    scontrol = (f'if [[ "$1" == show ]]; then {sys.executable} {REPO}/launch/nodelist.py "$3"; '
+    scontrol = (f'if [[ "$1" == show ]]; then cd {REPO} && {sys.executable} '
+                '-m orchestration.cluster.nodelist "$3"; '
                 'else echo "$@" >> "$LOG_DIR/scontrol"; fi')  # fmt: skip
     for name, body in (("srun", FAKE_SRUN), ("scontrol", scontrol),
                        ("torchrun", FAKE_TORCHRUN.format(python=sys.executable))):  # fmt: skip

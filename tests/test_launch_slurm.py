@@ -1,4 +1,4 @@
-"""orchestration.slurm: job facts, the preemption flag and self-requeue, without SLURM."""
+"""orchestration.cluster.slurm: job facts, the preemption flag and self-requeue, without SLURM."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestration import slurm
-from orchestration.slurm import (
-    PreemptionSignal,
+from orchestration.cluster import signals as slurm
+from orchestration.cluster.signals import PreemptionSignal
+from orchestration.cluster.slurm import (
     in_slurm,
     master_port,
     requeue_job,

@@ -8,11 +8,10 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from megatron.core.optimizer import get_megatron_optimizer
 
-from orchestration.build import build_megatron_configs
+from megatron_patches.configs import build_megatron_configs
+from megatron_patches.model import build_gpt_model
+from megatron_patches.optimizer import apply_lr, param_group_overrides
 from orchestration.config import register_configs, to_run_config
-from orchestration.model import build_gpt_model
-from orchestration.schedule import apply_lr
-from orchestration.setup import _overrides
 
 register_configs()
 
@@ -55,10 +54,10 @@ def test_crystal_init_stds(crystal_model):
 
 def test_crystal_param_groups(crystal_model):
     cfg, mc, model = crystal_model
-    from orchestration.model import wrap_for_training
+    from megatron_patches.model import wrap_for_training
 
     optimizer = get_megatron_optimizer(mc.optimizer, [wrap_for_training(model, mc)],
-                                       config_overrides=_overrides(cfg, mc))
+                                       config_overrides=param_group_overrides(cfg, mc))
     apply_lr(optimizer, lr=0.012, weight_decay=0.1)
     seen = {}
     for group in optimizer.param_groups:

@@ -53,16 +53,15 @@ def test_mup_hidden_activations_flat_in_width(result):
 def test_first_adam_step_sizes_follow_table_3(base_cfg, megatron_env):
     """One Adam step moves each entry by ~lr (|m/sqrt(v)| = 1 on step 1): hidden matrices by
     lr/m, the unembedding and norms by lr, at width 128 = 4x the base width."""
-    from orchestration.model import unwrap
-    from orchestration.trainer import Trainer
+    from megatron_patches.model import unwrap
+    from orchestration.loop.trainer import Trainer
 
     cfg = variant(base_cfg, 128, "muP", seed=1234, base_width=32)
     objects = build_objects(cfg)
     gpt = unwrap(objects.model)
     before = {n: p.detach().clone() for n, p in gpt.named_parameters()}
     trainer = Trainer(cfg, objects)
-    trainer._ensure_stage()
-    assert trainer.train_step().updated
+    assert trainer.run_step().updated
     moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in gpt.named_parameters()}
     for name, step in moved.items():
         hidden = name.endswith(

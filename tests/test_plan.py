@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from orchestration.config import ModelConfig
-from orchestration.flops import flops_per_token, matmul_params
+from orchestration.metrics.flops import flops_per_token, matmul_params
 from orchestration.plan import (
     ChinchillaFit,
     activation_bytes_per_layer,

@@ -12,9 +12,9 @@ def _cache_files(run_dir: str) -> dict[str, int]:
 
 
 def test_prebuild_writes_the_cache_training_reads(tiny_cfg, megatron_env):
+    from orchestration.data.datasets import stage_datasets
+    from orchestration.loop.stages import plan_stages
     from orchestration.prebuild import prebuild
-    from orchestration.setup import stage_datasets
-    from orchestration.stages import plan_stages
 
     built = prebuild(tiny_cfg)
     stage = plan_stages(tiny_cfg)[0]
@@ -37,8 +37,8 @@ def test_prebuild_writes_the_cache_training_reads(tiny_cfg, megatron_env):
 def test_per_source_held_out_sets_hold_out_the_blends_documents(tiny_cfg, megatron_env):
     """Each source's held-out set reads only documents of that source's validation range, the
     range the training blend never reads."""
-    from orchestration.setup import stage_datasets
-    from orchestration.stages import plan_stages
+    from orchestration.data.datasets import stage_datasets
+    from orchestration.loop.stages import plan_stages
 
     datasets = stage_datasets(tiny_cfg, plan_stages(tiny_cfg)[0])
     train_parts = {d.dataset_path: d for d in datasets.train.datasets}

@@ -1,4 +1,4 @@
-"""Provenance records (orchestration/run_record.py): config, versions, git, data manifest."""
+"""Provenance records (orchestration/metrics/run_record.py): config, versions, git, data manifest."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from orchestration import run_record
-from orchestration.run_record import data_manifest, list_run_records, write_run_record
+from orchestration.metrics import run_record
+from orchestration.metrics.run_record import data_manifest, list_run_records, write_run_record
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"name": "t", "model": {"num_layers": 2, "hidden_size": 64}, "note": "${not.resolved}"}
@@ -45,7 +45,7 @@ def test_record_has_config_versions_and_manifest(tmp_path, monkeypatch):
     versions = record["versions"]
     assert versions["python"] and versions["torch"] and versions["hydra-core"]
     assert "megatron-core" in versions and "cuda_available" in versions
-    assert record["slurm"]["job_id"] == "321" and record["slurm"]["nodes"] == ["gpu1", "gpu2"]
+    assert record["job"]["job_id"] == "321" and record["job"]["nodes"] == ["gpu1", "gpu2"]
     assert record["hostname"] and record["environment"]["NCCL_DEBUG"] == "WARN"
     present, missing = record["data"]
     idx_bytes = Path(prefix + ".idx").read_bytes()

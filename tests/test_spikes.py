@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from dist import run_distributed, run_single
 
+from orchestration.callbacks.spike_rules import SeriesMonitor, parse_step_ranges
 from orchestration.config import SpikeConfig
-from orchestration.spikes import SeriesMonitor, parse_step_ranges
 
 
 def test_zscore_rule_waits_for_history_then_flags_outliers():

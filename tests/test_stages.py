@@ -11,7 +11,8 @@ import pytest
 from dist import run_single
 
 from orchestration.config import DataConfig, OptimConfig, SourceConfig, StageConfig
-from orchestration.stages import consumed_tokens, lr_for_step, plan_stages, stage_at
+from orchestration.loop.lr import lr_for_step
+from orchestration.loop.stages import consumed_tokens, plan_stages, stage_at
 
 
 def _two_stage(cfg, per_stage: bool = True):
@@ -33,12 +34,12 @@ def _two_stage(cfg, per_stage: bool = True):
 def test_plan_and_lr_on_either_side_of_the_boundary(tiny_cfg):
     cfg = _two_stage(tiny_cfg)
     stages = plan_stages(cfg)
-    assert [(s.start_step, s.steps) for s in stages] == [(0, 5), (5, 4)]
+    assert [(s.first_step, s.last_step) for s in stages] == [(1, 5), (6, 9)]
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     assert consumed_tokens(stages, 5) == stages[0].tokens == 5 * tokens_per_step
-    assert stage_at(stages, 4).name == "one" and stage_at(stages, 5).name == "two"
-    assert lr_for_step(cfg, stages, 4) == pytest.approx(1e-4)  # stage one decayed to its floor
-    assert lr_for_step(cfg, stages, 5) == pytest.approx(2.5e-4)  # fresh warmup: 1/2 of 5e-4
+    assert stage_at(stages, 5).name == "one" and stage_at(stages, 6).name == "two"
+    assert lr_for_step(cfg, stages, 5) == pytest.approx(1e-4)  # stage one decayed to its floor
+    assert lr_for_step(cfg, stages, 6) == pytest.approx(2.5e-4)  # fresh warmup: 1/2 of 5e-4
 
 
 def test_global_schedule_with_ramp_off(tiny_cfg):
@@ -46,9 +47,9 @@ def test_global_schedule_with_ramp_off(tiny_cfg):
     cfg.optim = OptimConfig(lr=1e-3, min_lr=0.0, warmup_steps=0, decay_style="linear")
     cfg.stages[0].ramp_off_steps, cfg.stages[0].ramp_off_lr = 2, 1e-5
     stages = plan_stages(cfg)
-    assert lr_for_step(cfg, stages, 2) == pytest.approx(1e-3 * (1 - 3 / 9))  # plain schedule
-    assert lr_for_step(cfg, stages, 4) == pytest.approx(1e-5)  # ramped off at the stage end
-    assert lr_for_step(cfg, stages, 5) == pytest.approx(1e-3 * (1 - 6 / 9))  # schedule resumes
+    assert lr_for_step(cfg, stages, 3) == pytest.approx(1e-3 * (1 - 3 / 9))  # plain schedule
+    assert lr_for_step(cfg, stages, 5) == pytest.approx(1e-5)  # ramped off at the stage end
+    assert lr_for_step(cfg, stages, 6) == pytest.approx(1e-3 * (1 - 6 / 9))  # schedule resumes
 
 
 def test_stage_mix_by_name_and_token_budget_rounding(tiny_cfg):
@@ -69,7 +70,7 @@ def test_two_stage_run_transitions_and_resumes_mid_stage(tiny_cfg, tmp_path):
     starts = [r for r in records if r.get("event") == "stage_start"]
     tokens_per_step = full.train.global_batch_size * full.model.seq_length
     assert [(r["stage"], r["step"], r["consumed_tokens"]) for r in starts] == [
-        ("one", 0, 0), ("two", 5, 5 * tokens_per_step)]
+        ("one", 1, 0), ("two", 6, 5 * tokens_per_step)]
     steps = {r["step"]: r for r in records if "loss" in r}
     assert steps[5]["stage"] == "one" and steps[6]["stage"] == "two"
     assert steps[6]["lr"] == pytest.approx(2.5e-4)
@@ -85,7 +86,8 @@ def test_two_stage_run_transitions_and_resumes_mid_stage(tiny_cfg, tmp_path):
 
 
 def test_samples_per_source_follow_the_mix_weights(tiny_cfg, tmp_path, megatron_env):
-    from orchestration.data import TokenizerInfo, build_datasets
+    from orchestration.data.datasets import build_datasets
+    from orchestration.data.tokenizer import TokenizerInfo
 
     data = copy.deepcopy(tiny_cfg.data)
     data.sources = [SourceConfig(name=s.name, path=s.path, multiplier=m)

@@ -1,0 +1,109 @@
+"""``megatron.core.dist_checkpointing`` for this project: the sharded state, sync and async saves.
+
+``orchestration.checkpoint`` owns the layout on disk (``step_*`` directories, the ``*.tmp``
+rename, pruning, fallback); this module owns what goes into the shards and how they are written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+from megatron_patches.model import unwrap
+from megatron_patches.optimizer_state import ensure_adam_state, restore_adam_steps
+
+#: Distributed-optimizer state that reshards across data parallelism on load.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def sharded_state(model, optimizer, trainer_state: dict, is_loading: bool,
+                  with_optimizer: bool = True) -> dict[str, Any]:
+    model_sd = unwrap(model).sharded_state_dict()  # keys without DDP's "module." prefix
+    state: dict[str, Any] = {"model": model_sd, "trainer": trainer_state}
+    if with_optimizer and optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
+    return state
+
+
+def save_sharded(model, optimizer, trainer_state: dict, directory: Path,
+                 with_optimizer: bool) -> None:
+    """Write this rank's shards (and, on rank 0, the common state) into ``directory``."""
+    state = sharded_state(model, optimizer, trainer_state, False, with_optimizer)
+    dist_checkpointing.save(state, str(directory))
+
+
+def load_sharded(model, optimizer, directory: Path, with_optimizer: bool) -> dict[str, Any]:
+    """Load model (+ optimizer) in place from ``directory``; return the saved trainer state."""
+    if with_optimizer and optimizer is not None:
+        ensure_adam_state(optimizer)
+    template = sharded_state(model, optimizer, {}, True, with_optimizer)
+    template.pop("trainer")
+    state = dist_checkpointing.load(template, str(directory))
+    with torch.no_grad():  # fp32 main params are views of the (grad-requiring) weights
+        unwrap(model).load_state_dict(state["model"])
+        if with_optimizer and optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            restore_adam_steps(optimizer, state["optimizer"])
+    return load_common(directory).get("trainer", {})
+
+
+def load_common(directory: Path) -> dict[str, Any]:
+    """The non-sharded part of a checkpoint (the trainer state), without loading any tensor."""
+    return dist_checkpointing.load_common_state_dict(str(directory))
+
+
+def is_dist_checkpoint(directory: Path) -> bool:
+    return bool(dist_checkpointing.check_is_distributed_checkpoint(str(directory)))
+
+
+def save_weights_only(model, trainer_state: dict, directory: Path) -> None:
+    """A weights-only checkpoint (averaging, import): no optimizer state."""
+    dist_checkpointing.save(sharded_state(model, None, trainer_state, False, False),
+                            str(directory))
+
+
+class AsyncSaver:
+    """Checkpoint writes that do not stall training, through Megatron's own async machinery.
+
+    ``dist_checkpointing.save(..., async_sharded_save=True)`` plans the save, stages the shards
+    in host memory (a device-to-host copy on GPUs) and returns an ``AsyncRequest`` whose write
+    runs in a forked process (``AsyncCallsQueue``), as Megatron-LM's ``--async-save`` does. The
+    loop calls :meth:`finalize` after every step: while a save is pending, one small all-reduce
+    asks whether every rank's writer is done; when so, Megatron's finalizers write the global
+    metadata and the caller's ``publish`` renames ``step_N.tmp`` to ``step_N``. Until then the
+    previous checkpoint stays the newest complete one, so a crash mid-write costs only the
+    unfinished save. At most one save is in flight: the caller finalizes the last one before
+    scheduling the next.
+    """
+
+    def __init__(self) -> None:
+        self.queue = AsyncCallsQueue()
+        self.strategy = get_default_save_sharded_strategy()  # torch_dist: reused plans
+        self.in_flight: list[Path] = []
+
+    def schedule(self, model, optimizer, trainer_state: dict, tmp: Path, final: Path,
+                 with_optimizer: bool, publish: Callable[[], None]) -> None:
+        if self.in_flight:
+            raise RuntimeError(f"{self.in_flight[0]} is still being written: finalize it first")
+        state = sharded_state(model, optimizer, trainer_state, False, with_optimizer)
+        request = dist_checkpointing.save(state, str(tmp), sharded_strategy=self.strategy,
+                                          async_sharded_save=True)
+        request.add_finalize_fn(publish)
+        self.queue.schedule_async_request(request)
+        self.in_flight.append(final)
+
+    def finalize(self, blocking: bool) -> list[Path]:
+        """Publish the saves every rank has finished writing (all of them with ``blocking``);
+        returns their paths. Must be called on all ranks; free when nothing is pending."""
+        if not self.in_flight:
+            return []
+        done = len(self.queue.maybe_finalize_async_calls(blocking=blocking))
+        finished, self.in_flight = self.in_flight[:done], self.in_flight[done:]
+        return finished

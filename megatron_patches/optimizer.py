@@ -1,0 +1,62 @@
+"""Megatron's optimizer for a run, the hooks its schedules call, and the per-step LR.
+
+The LR schedule itself is a pure function of the step (``orchestration.loop.lr``); this module
+only writes its value into Megatron's param groups, scaled by each group's ``lr_mult`` (muP's
+width scaling lives there) and ``wd_mult`` (0 for norms and biases), the fields Megatron's own
+``OptimizerParamScheduler`` uses.
+"""
+
+from __future__ import annotations
+
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+from megatron_patches.configs import MegatronConfigs
+from orchestration.config import RunConfig
+
+
+def build_optimizer(cfg: RunConfig, mc: MegatronConfigs, model_chunks: list) -> ChainedOptimizer:
+    """Megatron's (distributed) optimizer over ``model_chunks``, with muP's groups when on,
+    connected to the schedule hooks of ``mc.transformer``."""
+    optimizer = get_megatron_optimizer(mc.optimizer, model_chunks,
+                                       config_overrides=param_group_overrides(cfg, mc))
+    connect_schedule_hooks(mc, model_chunks[0], optimizer, cfg)
+    return optimizer
+
+
+def param_group_overrides(cfg: RunConfig, mc: MegatronConfigs) -> dict | None:
+    """muP's per-group LR/eps overrides, or None for Megatron's standard groups (no weight
+    decay on biases and norms)."""
+    if not cfg.mup.enabled:
+        return None
+    from megatron_patches.mup import mup_param_group_overrides
+
+    return mup_param_group_overrides(cfg, mc.optimizer)
+
+
+def connect_schedule_hooks(mc: MegatronConfigs, model, optimizer, cfg: RunConfig) -> None:
+    """What Megatron's pipeline schedules call back into, as Megatron-LM's training.py sets it:
+    the data-parallel gradient reduction (plus SP layer-norm and tied-embedding reductions) at
+    the end of the step, loss scaling for fp16, and no-sync while accumulating micro-batches."""
+    tc = mc.transformer
+    tc.finalize_model_grads_func = finalize_model_grads
+    tc.grad_scale_func = optimizer.scale_loss
+    if cfg.parallel.overlap_grad_reduce:
+        tc.no_sync_func = model.no_sync
+    if cfg.parallel.overlap_param_gather:
+        tc.param_sync_func = model.start_param_sync
+
+
+def apply_lr(optimizer, lr: float, weight_decay: float) -> None:
+    """Write the step's LR and WD into every param group of a Megatron (chained) optimizer."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+
+
+def zero_grads(model_chunks: list, optimizer) -> None:
+    """Clear DDP's gradient buffers and the optimizer's main grads before a step."""
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()

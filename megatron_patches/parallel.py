@@ -1,0 +1,106 @@
+"""Megatron's model-parallel groups, seeds and layout queries, and one-rank worlds for tools.
+
+The default process group itself is created by ``orchestration.cluster.distributed`` (it
+depends on the launcher); everything that asks Megatron's ``parallel_state`` goes through here.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import (
+    get_cuda_rng_tracker,
+    model_parallel_cuda_manual_seed,
+)
+
+from megatron_patches import cpu_compat
+
+
+def init_model_parallel(tensor: int, pipeline: int, timeout_s: float) -> None:
+    """Megatron's TP/PP/DP groups over the (already initialised) default process group."""
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
+        distributed_timeout_minutes=timeout_s / 60)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: with CPU initialisation the full weights are identical, and
+    Megatron's tracker derives the tensor-parallel streams from it on GPUs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=cpu_compat.is_enabled())
+
+
+def shutdown() -> None:
+    """Destroy Megatron's groups and the default process group (both idempotent)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def layout() -> dict[str, int]:
+    """This run's parallel layout, as recorded with every checkpoint."""
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size(),
+            "world": dist.get_world_size()}
+
+
+def data_parallel_size() -> int:
+    return parallel_state.get_data_parallel_world_size()
+
+
+def data_parallel_rank() -> int:
+    return parallel_state.get_data_parallel_rank()
+
+
+def pipeline_parallel_size() -> int:
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def tensor_parallel_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def comm_device() -> torch.device:
+    """Where tensors for collectives live: the current GPU under NCCL, the CPU under gloo."""
+    if cpu_compat.is_enabled() or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def free_port() -> int:
+    """A local TCP port nobody listens on now (for a private one-rank rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_group() -> None:
+    """A one-rank gloo world for single-process tools: Megatron's dataset builder asks for the
+    rank (``torch.distributed.get_rank``) whenever it builds a blend, even on one process."""
+    if not dist.is_initialized():  # a fresh port: nobody else joins a one-rank world
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def single_process_world(seed: int = 1234) -> None:
+    """This process as a 1-rank CPU world with TP=PP=1, for tools that open checkpoints
+    (export, averaging, import) and for tests that inspect built models. Reused if it exists."""
+    cpu_compat.enable(force=True)  # these tools always run on CPU
+    single_process_group()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    if not get_cuda_rng_tracker().get_states():  # attention forks it even without dropout
+        seed_everything(seed)
+    sizes = (dist.get_world_size(), tensor_parallel_size(), pipeline_parallel_size())
+    if sizes != (1, 1, 1):
+        raise RuntimeError(f"needs a 1-process TP=PP=1 world, found world/tp/pp={sizes}")

@@ -1,0 +1,198 @@
+"""Skip batches whose loss spikes, log every skip, replay skip lists, escalate to rollback.
+
+Hooked into the loop at four named points: ``before_step`` (skip without computing: configured
+``spike.skip_steps``, a replayed ``train.skip_batches_file``, a rolled-back window),
+``pre_optim_step`` (the spike rule sees the globally reduced loss and grad norm; a skip drops
+the update while the LR and data position move on), ``after_step`` (log, escalate) and
+``on_rollback`` (what to do with the rolled-back window).
+
+Every skip is a line in ``<run_dir>/skipped_batches.jsonl``: step, stage, the batch's dataset
+sample indices and their (source, sample) pairs, loss, grad norm, threshold and reason. That
+file is a replay list: a rerun given it skips the same batches and so reproduces the run.
+Escalation (``spike.escalate_after`` skips within ``spike.escalate_within`` steps) stops the run,
+or rolls back to the newest checkpoint before the trouble and either skips the window of batches
+after it (as PaLM did) or defers that window to the end of the stage (as K2 did by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from orchestration.callbacks.base import Callback
+from orchestration.callbacks.spike_rules import SpikeDetector, parse_step_ranges
+from orchestration.common.files import write_jsonl_atomic
+from orchestration.config import RunConfig
+from orchestration.data.batches import source_of_samples
+from orchestration.loop.control import Decision, RollbackRequest
+from orchestration.loop.stages import Stage, stage_at
+from orchestration.metrics.logger import MetricsLogger
+
+log = logging.getLogger(__name__)
+_INJECTIONS = {"nan": float("nan"), "spike": 1000.0}  # loss (and gradient) multipliers
+_NOT_COMPUTED = ("configured spike.skip_steps", "replayed skip list", "rolled-back window")
+
+
+class SkipBatchesCallback(Callback):
+    name = "skipping"
+    order = 10
+
+    def __init__(self, cfg: RunConfig, logger: MetricsLogger, is_main: bool) -> None:
+        self.cfg = cfg.spike
+        self.logger = logger
+        self.is_main = is_main
+        self.path = Path(cfg.run_dir) / "skipped_batches.jsonl"
+        self.detector = SpikeDetector(cfg.spike)
+        self.configured = parse_step_ranges(cfg.spike.skip_steps)
+        self.replayed, replay_defers = _read_replay(cfg.train.skip_batches_file)
+        self.rollback_windows: set[int] = set()
+        self.deferred: dict[int, list[list[int]]] = replay_defers
+        self.pending: dict[str, Any] = {}
+        self.injected: set[int] = set()
+        self.escalation: tuple[int, str] | None = None  # (step, message) of a rollback asked for
+
+    @classmethod
+    def from_config(cls, context, **options) -> SkipBatchesCallback:
+        return cls(context.cfg, context.logger, context.is_main, **options)
+
+    # ------------------------------------------------------------------ hook points
+    def before_step(self, trainer, step: int) -> Decision | None:
+        # A drill's fault is transient, like a hardware glitch: a step re-run after a rollback
+        # is not injected again.
+        fault = self.cfg.inject.get(str(step), "") if step not in self.injected else ""
+        if fault:
+            self.injected.add(step)
+        scale = _INJECTIONS.get(fault)
+        for reason, steps in zip(_NOT_COMPUTED, (self.configured, self.replayed,
+                                                 self.rollback_windows), strict=True):
+            if step in steps:
+                self._log_skip(trainer, step, trainer.batch_for_step(step), reason,
+                               computed=False)
+                return Decision(skip=reason, loss_scale=scale)
+        return Decision(loss_scale=scale) if scale is not None else None
+
+    def pre_optim_step(self, trainer, grads) -> Decision | None:
+        if not self.cfg.enabled:
+            return None
+        verdict = self.detector.check(grads.loss, grads.grad_norm)
+        self.pending = {"threshold": verdict.threshold}
+        if verdict.spike:
+            return Decision(skip=verdict.reason)
+        self.detector.accept(grads.loss, grads.grad_norm)
+        return None
+
+    def after_step(self, trainer, result) -> Decision | None:
+        if result.skip_reason is None or not result.computed:
+            return None
+        self._log_skip(trainer, result.step, result.batch, result.skip_reason, computed=True,
+                       loss=result.loss, grad_norm=result.grad_norm)
+        if self.detector.record_skip(result.step):
+            return self._escalate(result.step)
+        return None
+
+    def remap_batch(self, trainer, stage: Stage, batch: int) -> int:
+        """Deferred windows move to the end of their stage, in the order they were deferred."""
+        for start, end in self.deferred.get(stage.index, []):
+            width, steps = end - start, stage.steps
+            if batch >= steps - width:
+                batch = start + batch - (steps - width)
+            elif batch >= start:
+                batch += width
+        return batch
+
+    def on_rollback(self, trainer, from_step: int, to_step: int) -> None:
+        if self.escalation is None:
+            return
+        step, message = self.escalation
+        self.escalation = None
+        action = self.cfg.on_escalation
+        stage = stage_at(trainer.stages, to_step + 1)
+        window = list(range(to_step + 1, min(step, stage.last_step) + 1))
+        self._rewrite(lambda e: e["step"] <= to_step, {"rolled_back": True})
+        if action == "rollback_skip":
+            self.rollback_windows.update(window)
+        else:
+            span = [stage.batch_index(window[0]), stage.batch_index(window[-1]) + 1]
+            self.deferred.setdefault(stage.index, []).append(span)
+            self._append({"kind": "defer", "stage_index": stage.index, "stage": stage.name,
+                          "batches": span, "step": step})
+        self.logger.event("rollback", step=step, to_step=to_step, action=action,
+                          window=[window[0], window[-1]], why=message)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {"detector": self.detector.state_dict(),
+                "rollback_windows": sorted(self.rollback_windows),
+                "deferred": {str(k): v for k, v in self.deferred.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state.get("detector", {}))
+        self.rollback_windows = set(state.get("rollback_windows", []))
+        self.deferred = {int(k): v for k, v in state.get("deferred", {}).items()}
+
+    def on_fit_start(self, trainer) -> None:
+        """Drop log lines past the resumed step: those steps will run (and log) again."""
+        if self.is_main and self.path.exists():
+            self._rewrite(lambda e: e.get("rolled_back") or e["step"] <= trainer.step, None)
+
+    # ------------------------------------------------------------------ internals
+    def _log_skip(self, trainer, step: int, batch: int, reason: str, computed: bool,
+                  **values) -> None:
+        indices = trainer.layout.global_indices(batch)
+        entry = {"kind": "skip", "step": step, "stage": trainer.stage.name, "reason": reason,
+                 "computed": computed, "sample_indices": [int(indices[0]), int(indices[-1]) + 1],
+                 "sources": source_of_samples(trainer.data.train, indices),
+                 "threshold": self.pending.get("threshold"), **values}
+        self._append(entry)
+        self.logger.event("skip", step=step, reason=reason)
+
+    def _escalate(self, step: int) -> Decision:
+        action = self.cfg.on_escalation
+        message = (f"{len(self.detector.recent_skips)} skipped batches within "
+                   f"{self.cfg.escalate_within} steps (spike.on_escalation={action})")
+        first_bad = min(self.detector.recent_skips, default=step)
+        self.detector.recent_skips = []
+        if action == "stop":
+            return Decision(stop=f"loss spikes: {message}", failed=True)
+        self.escalation = (step, message)
+        return Decision(rollback=RollbackRequest(first_bad, f"loss spikes: {message}"))
+
+    def _append(self, entry: dict) -> None:
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry, default=float) + "\n")
+
+    def _rewrite(self, keep_as_is, mark: dict | None) -> None:
+        """Rewrite the log atomically: entries failing ``keep_as_is`` are marked or dropped."""
+        if not self.is_main or not self.path.exists():
+            return
+        out = []
+        for line in self.path.read_text().splitlines():
+            entry = json.loads(line)
+            if keep_as_is(entry):
+                out.append(entry)
+            elif mark is not None:
+                out.append({**entry, **mark})
+        write_jsonl_atomic(self.path, out)
+
+
+def _read_replay(path: str | None) -> tuple[set[int], dict[int, list[list[int]]]]:
+    """Steps to skip and windows to defer, from a previous run's skipped_batches.jsonl."""
+    if not path:
+        return set(), {}
+    steps: set[int] = set()
+    deferred: dict[int, list[list[int]]] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON skip-log line ({err})") from err
+        if entry.get("rolled_back"):
+            continue
+        if entry.get("kind") == "defer":
+            deferred.setdefault(int(entry["stage_index"]), []).append(entry["batches"])
+        elif entry.get("kind", "skip") == "skip":
+            steps.add(int(entry["step"]))
+    return steps, deferred

@@ -1,0 +1,57 @@
+"""The layout of a run's checkpoints, and what can be read without loading one.
+
+Under ``<run_dir>/checkpoints/``::
+
+    step_00000100/            # complete: renamed from step_00000100.tmp after every rank wrote
+        checkpoint_info.json  # step, layout, time; written last, before the rename
+        rng/rank_00000.pt     # per-rank RNG states (restored when the layout is unchanged)
+        ...                   # dist_checkpointing shards + common.pt (trainer state)
+
+``step_N`` holds the model after global step N (1-based; ``step_00000000`` the initial weights).
+A directory without ``checkpoint_info.json`` or still named ``*.tmp`` is never loaded, so a job
+killed mid-save (or a full disk) leaves the previous checkpoint as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+PREFIX = "step_"
+INFO_FILE = "checkpoint_info.json"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    """The step a ``step_XXXXXXXX`` checkpoint directory holds."""
+    return int(path.name[len(PREFIX):].removesuffix(".tmp"))
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and not p.name.endswith(".tmp") and (p / INFO_FILE).is_file()]
+    return sorted(found, key=step_of)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    return json.loads((path / INFO_FILE).read_text())
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (0: keep every one)."""
+    if keep_last <= 0:
+        return
+    for old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,59 @@
+"""The step-indexed batch iterator.
+
+Batches are addressed by *global sample index*: batch ``b`` of a stage reads samples
+``[b * global_batch, (b + 1) * global_batch)`` of that stage's blended dataset, and
+data-parallel rank ``r`` takes micro-batch slice ``k * mbs * dp + r * mbs``. The global batch is
+therefore the same at every DP size, resuming needs nothing but the step number, and a skipped
+batch is identified by its sample indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class BatchLayout:
+    micro_batch_size: int
+    global_batch_size: int
+    dp_size: int
+    dp_rank: int
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def sample_indices(self, batch: int) -> np.ndarray:
+        """This rank's sample indices for ``batch``, shaped [num_microbatches, micro_batch]."""
+        mbs, dp = self.micro_batch_size, self.dp_size
+        base = batch * self.global_batch_size
+        rows = base + np.arange(self.num_microbatches)[:, None] * mbs * dp + self.dp_rank * mbs
+        return rows + np.arange(mbs)[None, :]
+
+    def global_indices(self, batch: int) -> np.ndarray:
+        return np.arange(batch * self.global_batch_size, (batch + 1) * self.global_batch_size)
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
+
+
+def microbatches(dataset, layout: BatchLayout, batch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The micro-batches this rank feeds to the schedule for ``batch`` (wrapping if needed)."""
+    n = len(dataset)
+    for row in layout.sample_indices(batch):
+        yield collate([dataset[int(i) % n] for i in row])
+
+
+def source_of_samples(dataset, indices: np.ndarray) -> list[tuple[int, int]]:
+    """(source id, sample id within source) for blended-dataset indices, for the skip log."""
+    if hasattr(dataset, "dataset_index"):
+        n = len(dataset)
+        return [(int(dataset.dataset_index[i % n]), int(dataset.dataset_sample_index[i % n]))
+                for i in indices]
+    return [(0, int(i)) for i in indices]

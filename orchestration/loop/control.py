@@ -1,0 +1,88 @@
+"""What callbacks tell the loop, and what the loop tells callbacks.
+
+Callbacks never set attributes on the trainer. A hook that wants something done returns a
+:class:`Decision`; :class:`Control` merges the decisions of one step (the first reason wins) and
+the loop acts on it at fixed points: skip the batch or the update, save a checkpoint, roll back,
+stop. What a step did comes back to the callbacks as a :class:`StepResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from orchestration.loop.stages import Stage
+
+
+@dataclass(frozen=True)
+class RollbackRequest:
+    """Restore the newest checkpoint taken before ``first_bad_step`` and continue from it."""
+
+    first_bad_step: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One callback's answer at one hook; every field is optional.
+
+    - ``skip``: ``before_step``: skip the batch without computing it; ``pre_optim_step``: drop
+      the update (the LR and the data position still move on).
+    - ``loss_scale``: ``before_step``: multiply this step's loss (fault drills).
+    - ``save``: save a checkpoint after this step.
+    - ``stop``: stop after this step (a checkpoint is saved first); ``failed`` marks the stop as
+      a failure, which the command reports with a non-zero exit.
+    - ``rollback``: reload an earlier checkpoint (``after_step`` only).
+    """
+
+    skip: str | None = None
+    loss_scale: float | None = None
+    save: bool = False
+    stop: str | None = None
+    failed: bool = False
+    rollback: RollbackRequest | None = None
+
+
+@dataclass
+class Control:
+    """The merged decisions of the current step (reset by the loop before each step)."""
+
+    skip: str | None = None
+    loss_scale: float = 1.0
+    save: bool = False
+    stop: str | None = None
+    failed: bool = False
+    rollback: RollbackRequest | None = None
+
+    def merge(self, decision: Decision | None) -> None:
+        if decision is None:
+            return
+        self.skip = self.skip or decision.skip
+        if decision.loss_scale is not None:
+            self.loss_scale *= decision.loss_scale
+        self.save = self.save or decision.save
+        if decision.stop and self.stop is None:
+            self.stop, self.failed = decision.stop, decision.failed
+        self.rollback = self.rollback or decision.rollback
+
+    def reset_step(self) -> None:
+        """Forget the per-step decisions; a stop request stays until the loop acts on it."""
+        self.skip, self.loss_scale, self.save, self.rollback = None, 1.0, False, None
+
+
+@dataclass
+class StepResult:
+    """What global step ``step`` (1-based) did."""
+
+    step: int
+    stage: Stage
+    batch: int  # the stage's batch position it read (after any reordering)
+    loss: float
+    grad_norm: float
+    lr: float
+    updated: bool
+    skip_reason: str | None
+    computed: bool  # False when skipped before the forward pass
+    step_time_s: float
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,43 @@
+"""Callbacks that tests name in ``cfg.callbacks`` as ``probes:Class`` (tests/ is on sys.path in
+spawned ranks too): they record what the hooks saw into the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from orchestration.callbacks.base import Callback
+from orchestration.loop.control import Decision
+
+
+class GradientProbe(Callback):
+    """At ``pre_optim_step``: the norm of the optimizer's gradients, reduced over all ranks, next
+    to the grad norm Megatron computed; asks the loop to stop after ``stop_at``."""
+
+    name = "gradient_probe"
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.stop_at = stop_at
+        self.rows: list[dict] = []
+
+    def pre_optim_step(self, trainer, grads) -> None:
+        local = sum(float(g.double().pow(2).sum()) for g in grads.main_grads())
+        total = torch.tensor([local], dtype=torch.float64)
+        dist.all_reduce(total)
+        named = sum(1 for _ in grads.named_model_grads())
+        self.rows.append({"step": grads.step, "reduced_norm": math.sqrt(float(total)),
+                          "grad_norm": grads.grad_norm, "loss": grads.loss,
+                          "named_grads": named})
+
+    def after_step(self, trainer, result) -> Decision | None:
+        if self.stop_at is not None and result.step == self.stop_at:
+            return Decision(stop=f"probe stop at {result.step}")
+        return None
+
+    def on_fit_end(self, trainer) -> None:
+        path = Path(trainer.run_dir) / f"gradient_probe.{dist.get_rank()}.json"
+        path.write_text(json.dumps(self.rows))
