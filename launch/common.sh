@@ -7,6 +7,7 @@
 #   REPO_DIR        checkout to run from (default: this file's parent directory)
 #   RUN_ROOT        parent of run dirs (default: runs); RUN_DIR overrides the whole path
 #   GPUS_PER_NODE   ranks per node (default: SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE, else 1)
+#   RANKS_PER_NODE  ranks per node on a CPU partition (GPUS_PER_NODE=0; default 1)
 #   IMAGE           container image for pyxis/enroot (srun --container-image); unset: no container
 #   CONTAINER_MOUNTS extra comma-separated host:container mounts for the container
 #   TORCHRUN        launcher command (default: torchrun on PATH, else .venv/bin/torchrun)
@@ -44,9 +45,14 @@ master_port() {
 }
 
 # Ranks per node: explicit GPUS_PER_NODE, else what SLURM allocated ("h100:8" -> 8), else 1.
+# A CPU partition (--gpus-per-node=0, or no GPUs) runs RANKS_PER_NODE ranks (default 1).
 gpus_per_node() {
   local n="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}"
-  echo "${n##*:}"
+  n="${n##*:}"
+  if [[ -z "$n" || "$n" == 0 ]]; then
+    n="${RANKS_PER_NODE:-1}"
+  fi
+  echo "$n"
 }
 
 # The torchrun launcher as words: TORCHRUN, torchrun on PATH, or the repo's virtualenv.
@@ -60,6 +66,20 @@ resolve_torchrun() {
   else
     TORCHRUN_LAUNCHER=("$PYTHON" -m torch.distributed.run)
   fi
+}
+
+# Check the config against the world size about to start (orchestration/check.py), so a batch
+# that does not split over data parallelism fails here, in seconds, not after torchrun started.
+# Arguments: WORLD_SIZE HYDRA_ARGS...; SKIP_CONFIG_CHECK=1 skips it.
+check_config() {
+  [[ -n "${SKIP_CONFIG_CHECK:-}" ]] && return 0
+  local python="$PYTHON"
+  if [[ -x "$REPO_DIR/.venv/bin/python" && "$python" == python3 ]]; then
+    python="$REPO_DIR/.venv/bin/python"
+  fi
+  local world="$1"
+  shift
+  (cd "$REPO_DIR" && "$python" -m orchestration.check --world-size "$world" "$@")
 }
 
 # Environment that large Megatron-Core runs need; every value can be overridden beforehand.
@@ -195,6 +215,8 @@ run_job() {
     return 1
   fi
   setup_distributed_env
+  check_config $((${SLURM_NNODES:-1} * GPUS_PER_NODE)) "experiment=$1" "run_dir=$RUN_DIR" \
+    "${@:2}" || return 2
   mkdir -p "$RUN_DIR"
   log_msg "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NNODES} nodes" \
     "x ${GPUS_PER_NODE} GPUs (${SLURM_JOB_NODELIST}); master ${MASTER_ADDR}:${MASTER_PORT};" \

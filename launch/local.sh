@@ -23,4 +23,25 @@ if [[ -n "${DRY_RUN:-}" ]]; then
   echo
   exit 0
 fi
-exec "${LOCAL_CMD[@]}"
+check_config "${NPROC:-1}" "$@" || exit 2
+# torchrun has no SIGUSR1 handler: the default action would kill it and orphan its ranks. With
+# the signal ignored (a disposition that survives exec), torchrun and the ranks ignore it until
+# each rank installs its own handler; a USR1 or TERM to this script is forwarded to the ranks
+# (torchrun's children) as USR1, so each finishes its step, checkpoints and exits cleanly.
+trap '' USR1
+"${LOCAL_CMD[@]}" &
+launcher=$!
+# shellcheck disable=SC2329  # invoked by the trap below
+forward_stop() {
+  pkill -USR1 -P "$launcher" 2>/dev/null || true
+}
+trap forward_stop USR1 TERM INT
+status=0
+while true; do
+  wait "$launcher" && status=0 || status=$?
+  # wait returns early (status > 128) when a trapped signal arrives; keep waiting for torchrun.
+  if ! kill -0 "$launcher" 2>/dev/null; then
+    break
+  fi
+done
+exit "$status"

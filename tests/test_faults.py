@@ -140,6 +140,83 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(cli, reference, tmp_pa
     assert _losses(run_dir) == reference
 
 
+def test_unloadable_checkpoints_refuse_a_silent_restart(cli, tmp_path):
+    """A changed model shape or damage to every checkpoint must not restart from step 0 and
+    prune the old checkpoints: the run exits non-zero before any step, naming each one; only
+    checkpoint.allow_fresh_start=true trains from scratch, keeping them aside."""
+    run_dir = tmp_path / "unloadable"
+    out = _run(cli(run_dir, "train.exit_after_steps=6"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = _checkpoints(run_dir)
+    assert saved == ["step_00000003", "step_00000006"]
+    lines = (run_dir / "metrics.jsonl").read_text().count("\n")
+
+    shape = _run(cli(run_dir, "model.num_layers=4"))
+    assert shape.returncode != 0
+    assert "none of its 2 checkpoint(s) loads" in shape.stdout + shape.stderr
+    for shard in (run_dir / "checkpoints").glob("step_*/*.distcp"):
+        shard.write_bytes(b"garbage")
+    damaged = _run(cli(run_dir))
+    text = damaged.stdout + damaged.stderr
+    assert damaged.returncode != 0
+    assert all(f"checkpoints/{name}:" in text for name in saved), text[-3000:]
+    assert _checkpoints(run_dir) == saved, "nothing pruned or overwritten"
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == lines, "no step trained"
+
+    fresh = _run(cli(run_dir, "checkpoint.allow_fresh_start=true", "train.max_steps=3"))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    kept = sorted(p.name.split("-")[0] for p in (run_dir / "checkpoints" / "unloadable").iterdir())
+    assert kept == saved
+
+
+@pytest.mark.slow
+def test_second_job_on_a_run_dir_fails_naming_the_holder(cli, tmp_path):
+    run_dir = tmp_path / "locked"
+    stall = "runtime.fault_drill='stall:rank=0,step=3,seconds=45'"  # holds the lock meanwhile
+    first = subprocess.Popen(cli(run_dir, stall, "checkpoint.save_interval=0"),
+                             cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "metrics.jsonl").exists():
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.1)
+    second = _run(cli(run_dir))
+    text = second.stdout + second.stderr
+    assert second.returncode != 0 and f"pid {first.pid}" in text and "is in use by" in text
+    output, _ = first.communicate(timeout=240)
+    assert first.returncode == 0, output[-3000:]
+    assert sorted(_losses(run_dir)) == list(range(1, 13)), "the first run was not disturbed"
+    again = _run(cli(run_dir, "train.max_steps=13", "checkpoint.save_interval=0"))
+    assert again.returncode == 0, "the lock of a finished job does not block the next"
+
+
+@pytest.mark.slow
+def test_sigusr1_to_local_sh_checkpoints_and_leaves_no_rank(cli, tmp_path):
+    """launch/local.sh forwards USR1/TERM to the ranks: every rank checkpoints the same step
+    and exits; nothing of the job survives."""
+    import psutil
+
+    run_dir = tmp_path / "local_sh"
+    hydra = cli(run_dir, nproc=2)
+    hydra = hydra[hydra.index("orchestration.train") + 1:]
+    env = {**_env(), "NPROC": "2", "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
+    proc = subprocess.Popen(["bash", "launch/local.sh", *hydra], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "metrics.jsonl").exists() or len(_losses(run_dir)) < 4:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, output[-3000:]
+    stopped_at = max(_losses(run_dir))
+    assert stopped_at < 12 and f"step_{stopped_at:08d}" in _checkpoints(run_dir)
+    time.sleep(2)
+    alive = [p.pid for p in psutil.process_iter(["cmdline"])
+             if str(run_dir) in " ".join(p.info["cmdline"] or [])]
+    assert not alive, f"processes of the job still alive: {alive}"
+
+
 @pytest.mark.slow
 def test_stalled_rank_fails_within_timeout_naming_it(cli, tmp_path):
     start = time.time()

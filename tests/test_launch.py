@@ -168,6 +168,26 @@ def test_distributed_env_defaults_and_overrides():
     assert "TORCH_NCCL_BLOCKING_WAIT" not in values
 
 
+def test_cpu_partition_gpus_per_node_zero():
+    """--gpus-per-node=0 (a CPU partition) must not divide by zero or ask torchrun for 0
+    ranks: RANKS_PER_NODE ranks per node, default 1."""
+    env = _env(SLURM_NNODES="2", SLURM_NODEID="0", SLURM_JOB_NODELIST="c[1-2]",
+               SLURM_JOB_ID="5", SLURM_GPUS_PER_NODE="0", SLURM_CPUS_PER_TASK="4")  # fmt: skip
+    assert "--nproc-per-node=1" in _torchrun_words(env, "demo")
+    assert "--nproc-per-node=2" in _torchrun_words({**env, "RANKS_PER_NODE": "2"}, "demo")
+    values = dict(line.split("=", 1) for line in _bash(
+        'setup_distributed_env; echo "OMP_NUM_THREADS=$OMP_NUM_THREADS"', env=env).split())
+    assert values["OMP_NUM_THREADS"] == "4"
+
+
+def test_local_sh_checks_the_world_size_before_torchrun():
+    env = _env(NPROC="3", TORCHRUN="false")  # torchrun would fail: it must not be reached
+    proc = subprocess.run(["bash", "launch/local.sh", "experiment=demo"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "data-parallel size 3" in proc.stderr, proc.stderr
+
+
 def test_local_sh_dry_run():
     env = _env(NPROC="2", DRY_RUN="1")
     proc = subprocess.run(["bash", "launch/local.sh", "experiment=tiny", "name=a b"], cwd=REPO,

@@ -50,6 +50,9 @@ def job_env(tmp_path):
         "PATH": f"{bin_dir}:/usr/bin:/bin", "LOG_DIR": str(tmp_path), "SLURM_JOB_ID": "77",
         "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu[05-06]", "SLURM_SUBMIT_DIR": str(REPO),
         "SLURM_CPUS_PER_TASK": "16", "GPUS_PER_NODE": "8", "RUN_ROOT": str(tmp_path / "runs"),
+        # These fake nodes carry layouts the real configs do not fit (K2 on 8 GPUs): the
+        # commands are under test here; the config check has its own test below.
+        "SKIP_CONFIG_CHECK": "1",
     }  # fmt: skip
 
 
@@ -123,3 +126,15 @@ def test_k2_stage1_layout(job_env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     argv = _torchrun_record(tmp_path)["argv"]
     assert "experiment=k2_stage1" in argv and "parallel.tensor=8" in argv
+
+
+def test_a_batch_that_does_not_split_fails_before_srun(job_env, tmp_path):
+    """The batch shell checks the config against nodes x ranks before starting any step:
+    demo's global batch 16 at micro-batch 8 cannot split over 8 data-parallel ranks."""
+    env = {k: v for k, v in job_env.items() if k != "SKIP_CONFIG_CHECK"}
+    proc = _sbatch("train.sbatch", "demo", env=env)
+    assert proc.returncode == 2
+    assert "world size 8" in proc.stderr and "train.global_batch_size=16" in proc.stderr
+    assert not (tmp_path / "torchrun.json").exists(), "no torchrun was started"
+    ok = _sbatch("train.sbatch", "demo", "train.global_batch_size=64", env=env)
+    assert ok.returncode == 0, ok.stderr

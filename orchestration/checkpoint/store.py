@@ -127,8 +127,15 @@ def _model_parallel_changed(meta: dict[str, Any]) -> bool:
     return (saved.get("tp"), saved.get("pp")) != (now["tp"], now["pp"])
 
 
-def load_latest(root: Path, load_fn: Callable[[Path], dict]) -> tuple[Path, dict] | None:
-    """Load the newest complete checkpoint, falling back to older ones if it is unreadable."""
+class UnloadableCheckpoints(RuntimeError):
+    """The run dir has checkpoints and none of them loads: resuming must not start over."""
+
+
+def load_latest(root: Path, load_fn: Callable[[Path], dict],
+                failures: list[tuple[Path, str]] | None = None) -> tuple[Path, dict] | None:
+    """Load the newest complete checkpoint, falling back to older ones if it is unreadable.
+    Each checkpoint that failed is appended to ``failures`` with the reason."""
+    failures = [] if failures is None else failures
     for path in reversed(complete_checkpoints(root)):
         error = None
         try:
@@ -141,8 +148,11 @@ def load_latest(root: Path, load_fn: Callable[[Path], dict]) -> tuple[Path, dict
             error = err
         if _all_ranks_ok(error is None):
             return path, trainer_state
-        log.warning("checkpoint %s is unreadable (%s); trying the previous one", path,
-                    f"{type(error).__name__}: {error}" if error else "failed on another rank",
+        reason = (f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+                  if error and str(error).strip() else
+                  type(error).__name__ if error else "failed on another rank")
+        failures.append((path, reason))
+        log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, reason,
                     exc_info=error)
     return None
 

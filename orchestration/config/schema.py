@@ -181,6 +181,9 @@ class CheckpointConfig:
     # Write shards in a background process (Megatron's async dist_checkpointing save) while
     # training continues; the checkpoint is published (renamed from *.tmp) once all ranks finish.
     async_save: bool = False
+    # A run dir whose checkpoints all fail to load refuses to start; true trains from scratch
+    # instead, after moving the unloadable ones to checkpoints/unloadable/ (never pruned).
+    allow_fresh_start: bool = False
 
 
 @dataclass

@@ -14,6 +14,7 @@ def run(cfg: RunConfig) -> dict:
     """Train ``cfg`` to completion (or until asked to stop); return a summary."""
     validate(cfg)  # model/parallel rules: fail before any process group exists
     from megatron_patches.parallel import shutdown
+    from orchestration.loop.run_lock import lock_run_dir
     from orchestration.loop.session import build_session
     from orchestration.loop.stages import describe_stages
     from orchestration.loop.trainer import Trainer
@@ -21,9 +22,12 @@ def run(cfg: RunConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     session = build_session(cfg)
-    if session.dist.is_main:
-        log.info("training plan:\n%s", describe_stages(session.stages))
+    lock = None
     try:
+        lock = lock_run_dir(run_dir, session.dist.cluster.job_info().get("job_id"),
+                            session.dist.is_main)
+        if session.dist.is_main:
+            log.info("training plan:\n%s", describe_stages(session.stages))
         trainer = Trainer(cfg, session, default_callbacks(cfg, session))
         results = trainer.fit()
         summary = {"run_dir": str(run_dir), "final_step": trainer.step,
@@ -37,6 +41,8 @@ def run(cfg: RunConfig) -> dict:
                      trainer.last_loss, run_dir / "metrics.jsonl", run_dir / "checkpoints")
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         shutdown()
 
 

@@ -150,7 +150,17 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the run dir's newest complete checkpoint, else from checkpoint.load."""
-        loaded = store.load_latest(checkpoint_dir(self.run_dir), self._load_full)
+        failures: list[tuple[Path, str]] = []
+        loaded = store.load_latest(checkpoint_dir(self.run_dir), self._load_full, failures)
+        if loaded is None and failures and not self.cfg.checkpoint.allow_fresh_start:
+            listed = "\n  ".join(f"{path}: {reason}" for path, reason in failures)
+            raise store.UnloadableCheckpoints(
+                f"{self.run_dir}: none of its {len(failures)} checkpoint(s) loads, so the run "
+                f"would start again from step 0 and prune them:\n  {listed}\nFix or restore "
+                "them, use a new run_dir, or set checkpoint.allow_fresh_start=true to train "
+                "from scratch here (the unloadable checkpoints are then kept, never pruned).")
+        if loaded is None and failures:
+            self._quarantine([path for path, _ in failures])
         if loaded is not None:
             path, state = loaded
             self.step = int(state["step"])
@@ -163,6 +173,17 @@ class Trainer:
                        self.cfg.checkpoint.reset_optimizer_on_reshard)
             log.info("initialised from %s (optimizer: %s)", path,
                      self.cfg.checkpoint.load_optimizer)
+
+    def _quarantine(self, paths: list[Path]) -> None:
+        """Move checkpoints that failed to load out of the pruning set, keeping them."""
+        if self.is_main:
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for path in paths:
+                target = path.parent / "unloadable" / f"{path.name}-{stamp}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                path.rename(target)
+                log.warning("kept the unloadable %s as %s; training from scratch", path, target)
+        dist.barrier()
 
     def enter_stage(self, step: int) -> None:
         """Make the stage of ``step`` current: its data, batch layout and on_stage_start."""
