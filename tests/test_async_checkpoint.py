@@ -21,6 +21,7 @@ def _async(cfg, run_dir: Path):
     return out
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: run by CI after the default suite
 def test_async_save_trains_and_resumes_like_sync(tiny_cfg, tmp_path):
     tiny_cfg.train.max_steps, tiny_cfg.checkpoint.save_interval = 8, 2
     tiny_cfg.checkpoint.keep_last = 2

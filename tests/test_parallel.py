@@ -40,6 +40,7 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
     assert out["losses"][-1] < out["losses"][0]
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: run by CI after the default suite
 def test_tp2_checkpoint_loads_at_tp1(reference, tmp_path):
     """Weights saved at TP=2 load at TP=1 (resharded) and give the same held-out loss; resuming
     the TP=2 run at TP=1 with its Adam state fails with a clear message unless allowed."""

@@ -76,6 +76,7 @@ def test_nan_batch_is_skipped_without_touching_weights(tiny_cfg, tmp_path):
     assert entry["sample_indices"] == [40, 48] and len(entry["sources"]) == 8
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: run by CI after the default suite
 def test_spike_skipped_clean_run_has_no_false_positives_and_replay_matches(tiny_cfg, tmp_path):
     clean = _cfg(tiny_cfg, tmp_path, "clean", steps=24)
     assert run_single(clean)["skipped"] == []

@@ -62,6 +62,7 @@ def test_stage_mix_by_name_and_token_budget_rounding(tiny_cfg):
         plan_stages(cfg)
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: run by CI after the default suite
 def test_two_stage_run_transitions_and_resumes_mid_stage(tiny_cfg, tmp_path):
     full = _two_stage(tiny_cfg)
     full.run_dir = str(tmp_path / "full")
