@@ -46,7 +46,7 @@ class MetricsCallback(Callback):
             "step_time_s": result.step_time_s, "flops_per_token": self.flops_per_token,
             "skipped": result.skip_reason,
         }
-        if self.peak_flops and tokens_per_s == tokens_per_s:
+        if self.peak_flops:
             record["mfu"] = mfu(tokens_per_s, self.flops_per_token, self.num_gpus,
                                 self.peak_flops)
         interval = trainer.cfg.train.log_interval

@@ -15,11 +15,11 @@ options to ``__init__``); returning None leaves it out (e.g. samples with no pro
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
 from orchestration.callbacks.base import Callback
+from orchestration.common.imports import import_object
 from orchestration.config import ConfigError, RunConfig
 
 _REGISTRY: dict[str, str] = {
@@ -54,12 +54,11 @@ def register_callback(name: str, target: str | type[Callback]) -> None:
 def resolve(name: str) -> type[Callback]:
     """The class a ``callbacks:`` key names: a registered name or ``module:Class``."""
     target = _REGISTRY.get(name, name)
-    module_name, sep, attr = target.partition(":")
-    if not sep:
+    if ":" not in target:
         raise ConfigError(f"callbacks.{name}: not a registered callback ({sorted(_REGISTRY)}) "
                           "nor a 'module:Class' path")
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
+        cls = import_object(target)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"callbacks.{name}: cannot import {target} ({err})") from err
     if not (isinstance(cls, type) and issubclass(cls, Callback)):

@@ -7,7 +7,6 @@ every job loads the index rank 0 built once.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_patches.datasets import GPTDataset, GPTDatasetConfig, build_held_out, build_split
+from orchestration.common.imports import import_object
 from orchestration.config import ConfigError, DataConfig, RunConfig
 from orchestration.data.tokenizer import TokenizerInfo, load_tokenizer
 
@@ -100,10 +100,7 @@ def prepare_data(data: DataConfig, is_main: bool) -> None:
 
 
 def _prepare_function(data: DataConfig):
-    module_name, sep, attr = data.prepare.partition(":")
     try:
-        if not sep:
-            raise ImportError("not a 'module:function' path")
-        return getattr(importlib.import_module(module_name), attr)
+        return import_object(data.prepare)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"data '{data.name}': data.prepare={data.prepare!r}: {err}") from err
