@@ -15,6 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from orchestration.cluster.parent_watch import die_with_launcher
 from orchestration.config import register_configs, to_run_config
 from orchestration.loop.run import default_callbacks, run
 
@@ -44,4 +45,5 @@ def _configure_logging() -> None:
 
 
 if __name__ == "__main__":
+    die_with_launcher()  # before anything slow: an orphaned rank must not start training
     main()

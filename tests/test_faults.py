@@ -93,8 +93,10 @@ def test_kill_9_then_restart_resumes_exactly(cli, reference, tmp_path, writer):
     deadline = time.time() + 240
     while "step_00000006" not in _checkpoints(run_dir) and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank and torchrun, mid-step
+    proc.kill()  # torchrun's pid, as a user does; the ranks follow it (parent watch)
     proc.wait()
+    time.sleep(3)
+    assert not _job_processes(run_dir), "no rank outlives torchrun"
     killed_at = max(_losses(run_dir))
     assert 6 <= killed_at < 12, "killed mid-run, after the step-6 checkpoint"
     out = _run(cli(run_dir, *extra, nproc=2))
@@ -138,6 +140,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(cli, reference, tmp_pa
     assert "step_00000009 is unreadable" in out.stdout + out.stderr
     assert "resumed from" in out.stdout and "step_00000006" in out.stdout
     assert _losses(run_dir) == reference
+    kept = list((run_dir / "checkpoints" / "unloadable").glob("step_00000009-*"))
+    assert len(kept) == 1 and len(list(kept[0].glob("*.distcp"))) > 0, "damaged one kept aside"
+    assert all(len(p.read_bytes()) == 100 for p in kept[0].glob("*.distcp"))
 
 
 def test_unloadable_checkpoints_refuse_a_silent_restart(cli, tmp_path):
@@ -154,12 +159,14 @@ def test_unloadable_checkpoints_refuse_a_silent_restart(cli, tmp_path):
     shape = _run(cli(run_dir, "model.num_layers=4"))
     assert shape.returncode != 0
     assert "none of its 2 checkpoint(s) loads" in shape.stdout + shape.stderr
+    assert "step_00000006: incompatible with this config (model.num_layers: checkpoint 2, " \
+           "this run 4)" in shape.stdout + shape.stderr
     for shard in (run_dir / "checkpoints").glob("step_*/*.distcp"):
         shard.write_bytes(b"garbage")
     damaged = _run(cli(run_dir))
     text = damaged.stdout + damaged.stderr
     assert damaged.returncode != 0
-    assert all(f"checkpoints/{name}:" in text for name in saved), text[-3000:]
+    assert all(f"checkpoints/{name}: damaged (" in text for name in saved), text[-3000:]
     assert _checkpoints(run_dir) == saved, "nothing pruned or overwritten"
     assert (run_dir / "metrics.jsonl").read_text().count("\n") == lines, "no step trained"
 
@@ -238,3 +245,38 @@ def test_hydra_multirun_completes_both_points(cli, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p for p in sweep.iterdir() if (p / "metrics.jsonl").exists())
     assert len(runs) == 2 and all(len(_losses(r)) == 3 for r in runs)
+
+
+def _job_processes(run_dir: Path) -> list[int]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if str(run_dir) in " ".join(proc.info["cmdline"] or []):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_kill_9_of_torchrun_leaves_no_rank_training(cli, tmp_path):
+    """torchrun gives each worker its own session, so only the ranks' own parent watch ends
+    them: kill the launcher's pid, as a user does, and no rank may survive it."""
+    import psutil
+
+    run_dir = tmp_path / "orphans"
+    stall = "runtime.fault_drill='stall:rank=0,step=3,seconds=120'"  # keeps both ranks alive
+    launcher = subprocess.Popen(cli(run_dir, stall, nproc=2), cwd=REPO, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}) < 2:
+        assert time.time() < deadline and launcher.poll() is None
+        time.sleep(0.2)
+    ranks = psutil.Process(launcher.pid).children()
+    assert len(ranks) == 2 and all(os.getsid(r.pid) != os.getsid(launcher.pid) for r in ranks)
+    launcher.kill()
+    launcher.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, f"ranks outlived torchrun: {[p.pid for p in alive]}"
+    assert not _job_processes(run_dir)

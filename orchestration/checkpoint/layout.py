@@ -49,6 +49,28 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return json.loads((path / INFO_FILE).read_text())
 
 
+SHAPE_SECTIONS = ("model", "mup")  # what decides whether a checkpoint's tensors fit a model
+
+
+def shape_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The flattened ``model.*``/``mup.*`` keys of a run config, recorded in each checkpoint so
+    that a checkpoint that does not load can be told *incompatible* from *damaged*."""
+    return {f"{section}.{key}": value for section in SHAPE_SECTIONS
+            for key, value in sorted(config.get(section, {}).items())}
+
+
+def config_differences(path: Path, current: dict[str, Any]) -> list[str]:
+    """``key: checkpoint X, this run Y`` for each recorded shape key that differs."""
+    try:
+        saved = read_metadata(path).get("config")
+    except (OSError, ValueError):
+        return []
+    if not saved:
+        return []
+    return [f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}"
+            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+
+
 def prune(root: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (0: keep every one)."""
     if keep_last <= 0:

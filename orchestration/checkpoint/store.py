@@ -53,14 +53,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int,
-         saver: AsyncSaver | None = None) -> Path:
+         saver: AsyncSaver | None = None, config: dict | None = None) -> Path:
     """Write ``step_<step>`` atomically on all ranks; prune to the newest ``keep_last``.
 
     With ``saver`` the shards are written in the background and ``step_<step>`` appears when
     ``saver.finalize`` finds every rank's writer done; without it this returns once the
     checkpoint is complete. The RNG files are written after the shard save has started,
     because Megatron warns when the directory it saves into is not empty. Before the first
-    update Adam has no state to save, so a step-0 checkpoint holds weights only.
+    update Adam has no state to save, so a step-0 checkpoint holds weights only. ``config``
+    (``layout.shape_config``) goes into ``checkpoint_info.json``.
     """
     with_optimizer = step > 0
     final, tmp = step_dir(root, step), step_dir(root, step).with_suffix(".tmp")
@@ -69,7 +70,8 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    publish = functools.partial(_publish, root, step, keep_last, with_optimizer, time.time())
+    publish = functools.partial(_publish, root, step, keep_last, with_optimizer, time.time(),
+                                config or {})
     if saver is None:
         checkpointing.save_sharded(model, optimizer, trainer_state, tmp, with_optimizer)
     else:  # publish runs once all ranks have written
@@ -81,13 +83,15 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
     return final
 
 
-def _publish(root: Path, step: int, keep_last: int, with_optimizer: bool, t0: float) -> None:
+def _publish(root: Path, step: int, keep_last: int, with_optimizer: bool, t0: float,
+             config: dict) -> None:
     """On all ranks once every shard is written: marker, rename ``*.tmp`` -> final, prune."""
     final, tmp = step_dir(root, step), step_dir(root, step).with_suffix(".tmp")
     dist.barrier()
     if dist.get_rank() == 0:
         meta = {"step": step, "layout": layout(), "time": time.time(),
-                "has_optimizer": with_optimizer, "save_seconds": round(time.time() - t0, 3)}
+                "has_optimizer": with_optimizer, "save_seconds": round(time.time() - t0, 3),
+                "config": config}
         write_json_atomic(tmp / INFO_FILE, meta)
         if final.exists():  # a re-save of the same step (e.g. after a rollback)
             shutil.rmtree(final)

@@ -26,8 +26,13 @@ from megatron_patches.parallel import comm_device, data_parallel_rank, data_para
 from megatron_patches.schedule import ForwardBackward
 from orchestration.callbacks.base import Callback, CallbackList, Gradients
 from orchestration.checkpoint import store
-from orchestration.checkpoint.layout import checkpoint_dir, read_metadata
-from orchestration.config import RunConfig
+from orchestration.checkpoint.layout import (
+    checkpoint_dir,
+    config_differences,
+    read_metadata,
+    shape_config,
+)
+from orchestration.config import RunConfig, to_dict
 from orchestration.data.batches import BatchLayout, microbatches
 from orchestration.data.datasets import StageDatasets
 from orchestration.loop.control import Control, Decision, RollbackRequest, StepResult
@@ -134,7 +139,7 @@ class Trainer:
         t0 = time.perf_counter()
         path = store.save(checkpoint_dir(self.run_dir), self.step, self.session.model,
                           self.session.optimizer, state, self.cfg.checkpoint.keep_last,
-                          self.saver)
+                          self.saver, shape_config(to_dict(self.cfg)))
         self._last_saved = self.step
         log.info("%s %s in %.2fs", "scheduled (writing in the background)"
                  if self.saver is not None else "saved", path, time.perf_counter() - t0)
@@ -153,13 +158,13 @@ class Trainer:
         failures: list[tuple[Path, str]] = []
         loaded = store.load_latest(checkpoint_dir(self.run_dir), self._load_full, failures)
         if loaded is None and failures and not self.cfg.checkpoint.allow_fresh_start:
-            listed = "\n  ".join(f"{path}: {reason}" for path, reason in failures)
+            listed = "\n  ".join(self._why_unloadable(path, reason) for path, reason in failures)
             raise store.UnloadableCheckpoints(
                 f"{self.run_dir}: none of its {len(failures)} checkpoint(s) loads, so the run "
                 f"would start again from step 0 and prune them:\n  {listed}\nFix or restore "
                 "them, use a new run_dir, or set checkpoint.allow_fresh_start=true to train "
                 "from scratch here (the unloadable checkpoints are then kept, never pruned).")
-        if loaded is None and failures:
+        if failures:  # newer ones than the checkpoint resumed from, or all (a fresh start)
             self._quarantine([path for path, _ in failures])
         if loaded is not None:
             path, state = loaded
@@ -174,15 +179,23 @@ class Trainer:
             log.info("initialised from %s (optimizer: %s)", path,
                      self.cfg.checkpoint.load_optimizer)
 
+    def _why_unloadable(self, path: Path, reason: str) -> str:
+        """Incompatible with this config (naming the keys that differ), or else damaged."""
+        differences = config_differences(path, shape_config(to_dict(self.cfg)))
+        if differences:
+            return f"{path}: incompatible with this config ({'; '.join(differences)})"
+        return f"{path}: damaged ({reason})"
+
     def _quarantine(self, paths: list[Path]) -> None:
-        """Move checkpoints that failed to load out of the pruning set, keeping them."""
+        """Move checkpoints that failed to load out of the pruning set, keeping them: a re-save
+        of the same step would otherwise overwrite one, and pruning delete it."""
         if self.is_main:
             stamp = time.strftime("%Y%m%dT%H%M%S")
             for path in paths:
                 target = path.parent / "unloadable" / f"{path.name}-{stamp}"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 path.rename(target)
-                log.warning("kept the unloadable %s as %s; training from scratch", path, target)
+                log.warning("kept the unloadable %s as %s (never pruned)", path, target)
         dist.barrier()
 
     def enter_stage(self, step: int) -> None:
