@@ -280,3 +280,37 @@ def test_kill_9_of_torchrun_leaves_no_rank_training(cli, tmp_path):
     gone, alive = psutil.wait_procs(ranks, timeout=10)
     assert not alive, f"ranks outlived torchrun: {[p.pid for p in alive]}"
     assert not _job_processes(run_dir)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs (needs root, as on CI machines): a disk that fills."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs",
+                                            str(mount)]).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+@pytest.mark.slow
+def test_full_disk_says_so_keeps_the_previous_checkpoint_and_resumes(cli, reference, small_disk):
+    run_dir = small_disk / "run"
+    out = _run(cli(run_dir, "train.exit_after_steps=3"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * (free - 300_000))  # room for the logs, not for a checkpoint
+
+    full = _run(cli(run_dir))
+    text = full.stdout + full.stderr
+    assert full.returncode != 0
+    assert "checkpoint_info" not in text and "the disk is full (" in text, text[-3000:]
+    assert f"free on {run_dir}/checkpoints" in text and "likely to fail for lack of space" in text
+    assert _checkpoints(run_dir) == ["step_00000003"], "partial .tmp removed, step 3 intact"
+
+    filler.unlink()
+    again = _run(cli(run_dir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and _losses(run_dir) == reference

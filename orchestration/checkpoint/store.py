@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from megatron_patches import checkpointing
 from megatron_patches.checkpointing import AsyncSaver
 from megatron_patches.parallel import comm_device, layout
+from orchestration.checkpoint import disk_space
 from orchestration.checkpoint.layout import (
     INFO_FILE,
     complete_checkpoints,
@@ -72,15 +73,29 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
     dist.barrier()
     publish = functools.partial(_publish, root, step, keep_last, with_optimizer, time.time(),
                                 config or {})
-    if saver is None:
-        checkpointing.save_sharded(model, optimizer, trainer_state, tmp, with_optimizer)
-    else:  # publish runs once all ranks have written
-        saver.schedule(model, optimizer, trainer_state, tmp, final, with_optimizer, publish)
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    expected = _previous_size(root)
+    if rank == 0:
+        disk_space.warn_if_short(root, expected)
+    try:
+        if saver is None:
+            checkpointing.save_sharded(model, optimizer, trainer_state, tmp, with_optimizer)
+        else:  # publish runs once all ranks have written
+            saver.schedule(model, optimizer, trainer_state, tmp, final, with_optimizer, publish)
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    except (Exception, CheckpointException) as err:
+        if disk_space.looks_full(err, root, expected):
+            raise disk_space.disk_full_error(final, tmp, expected) from err
+        raise
     if saver is None:
         publish()
     return final
+
+
+def _previous_size(root: Path) -> int:
+    """Bytes of the newest complete checkpoint: what the next save is expected to need."""
+    done = complete_checkpoints(root)
+    return disk_space.directory_bytes(done[-1]) if done else 0
 
 
 def _publish(root: Path, step: int, keep_last: int, with_optimizer: bool, t0: float,

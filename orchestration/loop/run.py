@@ -57,7 +57,11 @@ def default_callbacks(cfg: RunConfig, session) -> list:
         from orchestration.metrics.run_record import write_run_record
 
         prefixes = sorted({s.path for st in session.stages for s in st.data.sources})
-        write_run_record(Path(cfg.run_dir), to_dict(cfg), prefixes)
+        try:
+            write_run_record(Path(cfg.run_dir), to_dict(cfg), prefixes)
+        except OSError as err:  # e.g. a full disk: the record must not stop a resume
+            log.warning("could not write the run record under %s/record (%s); training "
+                        "continues without this job start's record", cfg.run_dir, err)
     logger = MetricsLogger(Path(cfg.run_dir), cfg.logging, cfg.name, to_dict(cfg), is_main)
     context = CallbackContext(cfg, logger, is_main, session.dist.world_size, session.dist.on_cpu)
     return build_callbacks(context)

@@ -213,10 +213,14 @@ def write_run_record(
     final = _record_name(record_root, job)
     tmp = record_root / f".{final.name}.tmp"
     tmp.mkdir()
-    (tmp / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
-    (tmp / "git.diff").write_text(diff)
-    write_json_atomic(tmp / "record.json", record)
-    os.replace(tmp, final)
+    try:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
+        (tmp / "git.diff").write_text(diff)
+        write_json_atomic(tmp / "record.json", record)
+        os.replace(tmp, final)
+    except OSError:  # a full disk: leave no partial record behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     write_json_atomic(cache_path, cache)
     return final
 
