@@ -232,7 +232,9 @@ def test_stalled_rank_fails_within_timeout_naming_it(cli, tmp_path):
                timeout=240)
     assert out.returncode != 0
     assert time.time() - start < 180
-    assert "rank 0 of 2: a collective timed out during step 4" in out.stdout + out.stderr
+    text = out.stdout + out.stderr
+    assert "rank 0 of 2: a collective timed out during step 4" in text
+    assert "did not arrive: rank 1 (host " in text and "last seen at step 4's start" in text, text[-3000:]
 
 
 def test_hydra_multirun_completes_both_points(cli, tmp_path):

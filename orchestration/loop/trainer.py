@@ -32,6 +32,7 @@ from orchestration.checkpoint.layout import (
     read_metadata,
     shape_config,
 )
+from orchestration.cluster.heartbeat import Heartbeat, laggards
 from orchestration.config import RunConfig, to_dict
 from orchestration.data.batches import BatchLayout, microbatches
 from orchestration.data.datasets import StageDatasets
@@ -62,6 +63,7 @@ class Trainer:
         self.forward_backward = ForwardBackward(session.model_chunks)
         self.saver = AsyncSaver() if cfg.checkpoint.async_save else None
         self._last_saved: int | None = None
+        self.heartbeat = Heartbeat(self.run_dir, dist.get_rank())
 
     @property
     def model_chunks(self) -> list:
@@ -99,7 +101,7 @@ class Trainer:
         try:
             result = self._train_step(step)
         except Exception as err:
-            raise _name_collective_failure(err, step, self.cfg) from err
+            raise _name_collective_failure(err, step, self.cfg, self.run_dir) from err
         self.step = step
         self.finalize_checkpoints(blocking=False)
         self._merge(self.callbacks.after_step(self, result))
@@ -242,6 +244,7 @@ class Trainer:
 
     def _train_step(self, step: int) -> StepResult:
         stage, t0 = self.stage, time.perf_counter()
+        self.heartbeat.beat(step)
         lr = lr_for_step(self.cfg, self.stages, step)
         apply_lr(self.session.optimizer, lr, weight_decay_for_step(self.cfg, self.stages, step))
         _maybe_stall(self.cfg.runtime.fault_drill, step)
@@ -265,10 +268,12 @@ class Trainer:
 
     def _forward_backward_loss(self, batch: int) -> float:
         zero_grads(self.model_chunks, self.session.optimizer)
+        self.heartbeat.beat(self.step + 1, "schedule")
         total = self._loss_sum(batch, self.data.train, forward_only=False)
         # The one collective (and host sync) per step: the global loss for the skip decision,
         # plus any rank's stop vote (SIGUSR1/SIGTERM), so that every rank stops together.
         vote = self.callbacks.poll_stop(self)
+        self.heartbeat.beat(self.step + 1, "all-reduce")
         # new_full fills on the device; torch.tensor(..., device=) would be a blocking
         # host->device copy, a second stream sync per step (docs/benchmarks.md, step overhead).
         total = torch.cat([total, total.new_full((1,), 1.0 if vote else 0.0)])
@@ -311,16 +316,21 @@ class CollectiveTimeoutError(RuntimeError):
     """A collective did not complete within ``runtime.distributed_timeout_s``."""
 
 
-def _name_collective_failure(err: Exception, step: int, cfg: RunConfig) -> Exception:
-    """Turn a backend timeout into a message naming this rank, the step and the operation."""
+def _name_collective_failure(err: Exception, step: int, cfg: RunConfig,
+                            run_dir: Path) -> Exception:
+    """Turn a backend timeout into a message naming this rank, the step, the ranks that did not
+    arrive (from their heartbeats) and what the backend said."""
     text = str(err)
     if "timed out" not in text.lower() and "timeout" not in text.lower():
         return err
     detail = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+    behind = laggards(run_dir, dist.get_world_size())
+    culprits = ("; did not arrive: " + "; ".join(behind)) if behind else (
+        "; every rank reached the same point, so the hang is inside it")
     return CollectiveTimeoutError(
         f"rank {dist.get_rank()} of {dist.get_world_size()}: a collective timed out during step "
-        f"{step} (runtime.distributed_timeout_s={cfg.runtime.distributed_timeout_s}); another "
-        f"rank is stalled or dead. Backend said: {detail}")
+        f"{step} (runtime.distributed_timeout_s={cfg.runtime.distributed_timeout_s}){culprits}. "
+        f"Backend said: {detail}")
 
 
 def _maybe_stall(drill: str | None, step: int) -> None:
