@@ -93,8 +93,13 @@ class SkipBatchesCallback(Callback):
         return None
 
     def remap_batch(self, trainer, stage: Stage, batch: int) -> int:
-        """Deferred windows move to the end of their stage, in the order they were deferred."""
-        for start, end in self.deferred.get(stage.index, []):
+        """Deferred windows move to the end of their stage; the newest deferral goes last.
+
+        Each deferral's span is in *positions* of the order the earlier deferrals had already
+        made, so the position is mapped through the newest deferral first, then back through the
+        older ones: the order before a deferral's start, which has trained, keeps its meaning.
+        """
+        for start, end in reversed(self.deferred.get(stage.index, [])):
             width, steps = end - start, stage.steps
             if batch >= steps - width:
                 batch = start + batch - (steps - width)

@@ -1,0 +1,81 @@
+"""Deferred windows compose: property tests of ``SkipBatchesCallback.remap_batch``.
+
+A deferral is made at a rollback: the positions from the rolled-back step on are re-run, with
+the window of batch positions ``[start, end)`` moved to the end of the stage. The invariants
+(issue 12): the mapping is a permutation of the stage's batches; no position already trained
+changes meaning; every batch is trained exactly once unless skipped; a replay (the state saved
+in a checkpoint, or the skip log) gives the same sequence.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from orchestration.callbacks.skipping import SkipBatchesCallback
+from orchestration.config import RunConfig
+from orchestration.config.schema import DataConfig, OptimConfig
+from orchestration.loop.stages import Stage
+
+
+def _stage(steps: int) -> Stage:
+    return Stage(index=0, name="s", data=DataConfig(), optim=OptimConfig(), global_batch_size=8,
+                 seq_length=64, steps=steps, steps_before=0)
+
+
+def _callback(tmp_path) -> SkipBatchesCallback:
+    cfg = RunConfig()
+    cfg.run_dir = str(tmp_path)
+    return SkipBatchesCallback(cfg, logger=None, is_main=False)
+
+
+@st.composite
+def runs(draw):
+    """A stage length and deferrals at increasing trained-up-to positions."""
+    steps = draw(st.integers(2, 40))
+    deferrals, trained = [], 0
+    for _ in range(draw(st.integers(0, 5))):
+        if trained >= steps - 1:
+            break
+        start = draw(st.integers(trained, steps - 2))
+        end = draw(st.integers(start + 1, steps))
+        deferrals.append((start, end))
+        trained = start  # the rollback re-runs from ``start``
+    return steps, deferrals
+
+
+def _order(callback, stage) -> list[int]:
+    return [callback.remap_batch(None, stage, p) for p in range(stage.steps)]
+
+
+@given(runs())
+def test_deferrals_compose_into_a_permutation_that_keeps_trained_positions(tmp_path_factory,
+                                                                          run):
+    """Positions before a deferral's start have run (in the order of that moment) and are not
+    re-run; since starts only grow, what the run reads in all is the final order, so "every
+    batch trained exactly once" is the final order being a permutation."""
+    steps, deferrals = run
+    stage, callback = _stage(steps), _callback(tmp_path_factory.mktemp("d"))
+    for start, end in deferrals:
+        before = _order(callback, stage)
+        callback.deferred.setdefault(0, []).append([start, end])
+        after = _order(callback, stage)
+        assert sorted(after) == list(range(steps)), "a permutation of the stage's batches"
+        assert after[:start] == before[:start], "positions already trained keep their meaning"
+        window = before[start:end]
+        assert after[start:] == [b for b in before[start:] if b not in window] + window, \
+            "the window, as it was about to be read, moves to the end"
+    final = _order(callback, stage)
+    replay = _callback(tmp_path_factory.mktemp("r"))
+    replay.load_state_dict(callback.state_dict())
+    assert _order(replay, stage) == final, "a resumed (or replayed) run reads the same order"
+
+
+def test_two_deferrals_in_one_stage_from_the_issue(tmp_path):
+    """Issue 12's case: 20 batches, deferrals [5, 8) then [10, 12)."""
+    stage, callback = _stage(20), _callback(tmp_path)
+    callback.deferred[0] = [[5, 8]]
+    assert _order(callback, stage) == [0, 1, 2, 3, 4, *range(8, 20), 5, 6, 7]
+    callback.deferred[0].append([10, 12])
+    assert _order(callback, stage) == [0, 1, 2, 3, 4, 8, 9, 10, 11, 12,
+                                       *range(15, 20), 5, 6, 7, 13, 14]
