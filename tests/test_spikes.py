@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from dist import run_distributed, run_single
 
+from megatron_patches.checkpointing import load_common
 from orchestration.callbacks.spike_rules import SeriesMonitor, parse_step_ranges
 from orchestration.config import SpikeConfig
 
@@ -110,6 +111,10 @@ def test_rollback_restores_weights_and_skips_the_window(tiny_cfg, tmp_path, asyn
     log = _skip_log(roll)
     assert [e["step"] for e in log if e.get("rolled_back")] == [7]
     assert [e["step"] for e in log if e["reason"] == "rolled-back window"] == [5, 6, 7]
+    # The detector's history came back with the weights: steps 1-4 and 8-12, not 5 and 6.
+    common = load_common(Path(roll.run_dir) / "checkpoints" / "step_00000012")
+    history = common["trainer"]["callbacks"]["skipping"]["detector"]["loss"]["history"]
+    assert history == [rolled["loss_by_step"][s] for s in (1, 2, 3, 4, 8, 9, 10, 11, 12)]
 
 
 def test_persistent_nan_stops_the_run_with_saved_state(tiny_cfg, tmp_path):

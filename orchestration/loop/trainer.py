@@ -232,7 +232,10 @@ class Trainer:
             self.save_checkpoint()
             return
         from_step = self.step
-        self._load_full(target)
+        state = self._load_full(target)
+        # The callbacks' own state goes back too: a spike detector must not keep the losses of
+        # the steps being undone in its history.
+        self.callbacks.load_state_dict(state.get("callbacks", {}))
         self.step = int(read_metadata(target)["step"])
         self.stage = None  # rebuild the stage's data view on the next step
         log.warning("rolled back from step %d to %s: %s", from_step, target, request.reason)
