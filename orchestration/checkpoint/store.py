@@ -54,8 +54,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int,
-         saver: AsyncSaver | None = None, config: dict | None = None) -> Path:
-    """Write ``step_<step>`` atomically on all ranks; prune to the newest ``keep_last``.
+         saver: AsyncSaver | None = None, config: dict | None = None,
+         keep_every: int = 0) -> Path:
+    """Write ``step_<step>`` atomically on all ranks; prune to the newest ``keep_last`` plus
+    the multiples of ``keep_every``.
 
     With ``saver`` the shards are written in the background and ``step_<step>`` appears when
     ``saver.finalize`` finds every rank's writer done; without it this returns once the
@@ -71,8 +73,8 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    publish = functools.partial(_publish, root, step, keep_last, with_optimizer, time.time(),
-                                config or {})
+    publish = functools.partial(_publish, root, step, (keep_last, keep_every), with_optimizer,
+                                time.time(), config or {})
     expected = _previous_size(root)
     if rank == 0:
         disk_space.warn_if_short(root, expected)
@@ -98,7 +100,7 @@ def _previous_size(root: Path) -> int:
     return disk_space.directory_bytes(done[-1]) if done else 0
 
 
-def _publish(root: Path, step: int, keep_last: int, with_optimizer: bool, t0: float,
+def _publish(root: Path, step: int, keep: tuple[int, int], with_optimizer: bool, t0: float,
              config: dict) -> None:
     """On all ranks once every shard is written: marker, rename ``*.tmp`` -> final, prune."""
     final, tmp = step_dir(root, step), step_dir(root, step).with_suffix(".tmp")
@@ -111,7 +113,7 @@ def _publish(root: Path, step: int, keep_last: int, with_optimizer: bool, t0: fl
         if final.exists():  # a re-save of the same step (e.g. after a rollback)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        prune(root, keep_last)
+        prune(root, *keep)
     dist.barrier()
 
 

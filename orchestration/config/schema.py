@@ -172,6 +172,9 @@ class TrainConfig:
 class CheckpointConfig:
     save_interval: int = 100
     keep_last: int = 3
+    # Also keep every checkpoint whose step is a multiple of this (0: none), never pruned: the
+    # release checkpoints of a 360-open run (K2 kept 360 over stage 1).
+    keep_every: int = 0
     load: str | None = None  # start from this checkpoint when the run dir has none
     load_optimizer: bool = True  # with `load`: also restore optimizer state (not just weights)
     save_initial: bool = False  # also save step 0 (the initial weights), as LLM360 releases do

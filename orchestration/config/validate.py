@@ -26,9 +26,17 @@ def padded_vocab_size(model: ModelConfig, tensor_parallel: int) -> int:
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Fail fast, naming keys, on combinations the kernels or the parallel layout can't run."""
     errors = _model_errors(cfg.model, cfg.parallel) + _batch_errors(cfg, world_size)
-    errors += _choice_errors(cfg)
+    errors += _choice_errors(cfg) + _checkpoint_errors(cfg)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _checkpoint_errors(cfg: RunConfig) -> list[str]:
+    every, interval = cfg.checkpoint.keep_every, cfg.checkpoint.save_interval
+    if every > 0 and (interval <= 0 or every % interval):
+        return [f"checkpoint.keep_every={every} is not a multiple of checkpoint.save_interval="
+                f"{interval}: no saved checkpoint would be kept"]
+    return []
 
 
 def _model_errors(m: ModelConfig, p: ParallelConfig) -> list[str]:

@@ -141,7 +141,8 @@ class Trainer:
         t0 = time.perf_counter()
         path = store.save(checkpoint_dir(self.run_dir), self.step, self.session.model,
                           self.session.optimizer, state, self.cfg.checkpoint.keep_last,
-                          self.saver, shape_config(to_dict(self.cfg)))
+                          self.saver, shape_config(to_dict(self.cfg)),
+                          self.cfg.checkpoint.keep_every)
         self._last_saved = self.step
         log.info("%s %s in %.2fs", "scheduled (writing in the background)"
                  if self.saver is not None else "saved", path, time.perf_counter() - t0)
