@@ -91,13 +91,17 @@ def init_worker(opts: EncodeOptions, in_pool: bool = True) -> None:
     """Pool initializer: load the model once per process.
 
     Pool workers get default SIGTERM handling (``Pool.terminate`` must kill them whatever
-    handler the parent installed) and ignore SIGINT (Ctrl-C is handled once, by the parent).
+    handler the parent installed) and ignore SIGINT and SIGUSR1 (Ctrl-C and SLURM's time-limit
+warning are handled once, by the parent).
     """
     global _WORKER
     if in_pool:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # SLURM's warning: the parent acts on it
+        signal.pthread_sigmask(
+            signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+        )
     _WORKER = _Worker(opts)
 
 

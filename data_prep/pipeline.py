@@ -34,7 +34,7 @@ class EmptyOutputError(Exception):
 
 MAX_EXAMPLES_PER_REASON = 100
 TEST_DELAY_ENV = "DATA_PREP_TEST_CHUNK_DELAY"  # test hook: seconds to sleep after each chunk
-_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
 
 
 class BadInputError(Exception):

@@ -149,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so temporary files go away
+    # SIGTERM (scancel, the time limit) and SIGUSR1 (SLURM's warning before it) exit through
+    # the normal clean-up, so temporary files go away.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous_usr1 = signal.signal(signal.SIGUSR1, _exit_on_sigterm)
     try:
         opts = _options(args, parser)
         summaries = run_tokenize(
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e), EXIT_BAD_ARGS)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGUSR1, previous_usr1)
     for s in summaries:
         print(_report(s))
     return 0
