@@ -69,8 +69,8 @@ class SentencePieceTokenizer(TextTokenizer):
             self.sp = spm.SentencePieceProcessor(model_file=self.path)
         except (RuntimeError, OSError) as e:
             raise TokenizerError(
-                f"{path}: not a sentencepiece model nor a Hugging Face tokenizer.json "
-                f"({str(e).splitlines()[0][:120]})"
+                f"{path}: not a sentencepiece model (sentencepiece cannot parse it) nor a "
+                "Hugging Face tokenizer.json (not JSON); pass a .model or tokenizer.json"
             ) from e
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id()
