@@ -1,6 +1,9 @@
 """Tokenization throughput: the real JSONL -> .bin/.idx pipeline vs. sentencepiece alone.
 
 ``python bench/tokenize_bench.py [--workers 2] [--reps 5] [--copies 2]``
+``python bench/tokenize_bench.py --scale [--reps 3] [--copies 4] [--shards 2]``: throughput per
+worker from 1 to the cores available with the scaling efficiency, the merge's throughput, and a
+sharded run (+ merge) against a single-process run on the same files (``bench/tokenize_scale.py``).
 
 Both sides encode the same documents with the same number of worker processes:
 
@@ -129,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--copies", type=int, default=2, help="times the demo corpus is repeated")
     p.add_argument("--data", default=None, help="demo data dir (default: a temporary one)")
+    p.add_argument("--scale", action="store_true", help="scaling, merge and sharded runs")
+    p.add_argument("--shards", type=int, default=2, help="--scale: shards of the sharded run")
     a = p.parse_args(argv)
+    if a.scale:
+        return _main_scale(a)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(a.data or Path(tmp) / "demo")
         demo = prepare_demo_data(data_dir, workers=a.workers, quiet=True)
@@ -150,6 +157,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['baseline_tok_s']:,} tok/s with {a.workers} workers: ratio "
         f"{result['ratio']:.3f} (paired {result['ratio_paired']:.3f}, CPU {result['ratio_cpu']:.3f})"
     )
+    return 0
+
+
+def _main_scale(a: argparse.Namespace) -> int:
+    from bench.tokenize_scale import report, run_scale
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(a.data or Path(tmp) / "demo")
+        demo = prepare_demo_data(data_dir, workers=a.workers, quiet=True)
+        megatron_indexed_dataset()
+        load = os.getloadavg()[0]
+        r = run_scale(str(demo.tokenizer_model), data_dir, Path(tmp), a.copies, a.shards, a.reps)
+    r |= {"date": date.today().isoformat(), "cpus": os.cpu_count(), "reps": a.reps,
+          "load_avg_1min_at_start": round(load, 2), "versions": _versions(),
+          "machine": platform.platform()}
+    print(json.dumps(r, indent=1))
+    print(report(r))
     return 0
 
 

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 
-from data_prep.jsonl_io import iter_texts, source_name
+from data_prep.input_files import source_name
+from data_prep.readers import iter_texts
 from orchestration.common.files import write_json_atomic
 
 

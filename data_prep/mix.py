@@ -6,14 +6,20 @@ of the total, which is what Megatron's ``BlendedMegatronDatasetConfig.blend`` ta
 counts come from the source's ``.idx`` when it exists (exact, and cheap: only the index is read)
 and otherwise from the published ``tokens`` value, so a mix can be inspected before the data is
 downloaded. ``python -m data_prep.mix conf/data/k2_stage1.yaml --stage-tokens 1.3T`` prints it.
+
+A source may be many shards (``path`` a glob, or ``paths`` a list): its tokens are the sum over
+its prefixes, its blend weight is as for one prefix, and Megatron's blend gets each prefix as
+its own dataset with the source's weight split by the prefixes' token counts, so each shard is
+drawn in proportion to its size, exactly as if the shards were one merged prefix.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 _SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
@@ -27,6 +33,15 @@ class SourceShare:
     multiplier: float  # passes (epochs) per stage
     effective_tokens: float  # tokens the stage draws from this source
     share: float  # blend weight, sums to 1 over the mix
+    prefixes: list[str] = field(default_factory=list)  # its datasets (one unless sharded)
+    prefix_tokens: list[int] = field(default_factory=list)  # tokens of each prefix
+
+    def prefix_weights(self) -> list[float]:
+        """Each prefix's part of this source, by its tokens (equal parts if none counted)."""
+        total = sum(self.prefix_tokens)
+        if not total:
+            return [1 / len(self.prefixes)] * len(self.prefixes)
+        return [t / total for t in self.prefix_tokens]
 
     def epochs(self, stage_tokens: float) -> float:
         """Passes over this source when the whole stage trains on ``stage_tokens``."""
@@ -46,14 +61,34 @@ def _get(src, key: str, default=None):
     return default if value is None else value
 
 
-def _source_tokens(src) -> int:
-    path = str(_get(src, "path", ""))
-    if path and Path(path + ".idx").is_file():
-        return count_tokens(path)
+def source_prefixes(src) -> list[str]:
+    """The prefixes of a source: ``path`` and ``paths``, globs expanded over ``.idx`` files
+    (sorted). A glob that matches nothing gives nothing (see :func:`_source_tokens`)."""
+    patterns = [p for p in [str(_get(src, "path", ""))] + list(_get(src, "paths", []) or []) if p]
+    out: list[str] = []
+    for pattern in patterns:
+        pattern = str(pattern).removesuffix(".idx")
+        if glob.has_magic(pattern):
+            out += sorted(f[: -len(".idx")] for f in glob.glob(pattern + ".idx"))
+        else:
+            out.append(pattern)
+    return list(dict.fromkeys(out))
+
+
+def _source_tokens(src) -> tuple[int, list[str], list[int]]:
+    """(tokens, prefixes, tokens per prefix): counted from the ``.idx`` files when they all
+    exist, else the published ``tokens`` (before the data is downloaded)."""
+    prefixes = source_prefixes(src)
+    if prefixes and all(Path(p + ".idx").is_file() for p in prefixes):
+        counts = [count_tokens(p) for p in prefixes]
+        return sum(counts), prefixes, counts
     if _get(src, "tokens") is not None:
-        return int(_get(src, "tokens"))
+        return int(_get(src, "tokens")), prefixes, []
+    shown = [p for p in prefixes if not Path(p + ".idx").is_file()][:3] or [
+        str(p) for p in [_get(src, "path", "")] + list(_get(src, "paths", []) or []) if p]
+    what = f"no index at {shown[0]}.idx" if prefixes else f"{', '.join(shown)} matches no .idx"
     raise ValueError(
-        f"source '{_get(src, 'name', '?')}': no index at {path}.idx and no `tokens` given; "
+        f"source '{_get(src, 'name', '?')}': {what} and no `tokens` given; "
         "tokenize it (data_prep/tokenize.py) or set its published token count"
     )
 
@@ -72,8 +107,8 @@ def compute_mix(sources: list, stage_tokens: int | None = None) -> list[SourceSh
         mult = float(_get(src, "multiplier", 1.0))
         if mult < 0:
             raise ValueError(f"source '{_get(src, 'name', '?')}': multiplier {mult} is negative")
-        tokens = _source_tokens(src)
-        rows.append((src, tokens, mult, tokens * mult))
+        tokens, prefixes, counts = _source_tokens(src)
+        rows.append((src, tokens, mult, tokens * mult, prefixes, counts))
     total = sum(r[3] for r in rows)
     if total <= 0:
         raise ValueError("the mix has no tokens (every source is empty or has multiplier 0)")
@@ -85,15 +120,23 @@ def compute_mix(sources: list, stage_tokens: int | None = None) -> list[SourceSh
             multiplier=mult,
             share=eff / total,
             effective_tokens=eff if stage_tokens is None else eff / total * stage_tokens,
+            prefixes=prefixes or [str(_get(src, "path", ""))],
+            prefix_tokens=counts,
         )
-        for src, tokens, mult, eff in rows
+        for src, tokens, mult, eff, prefixes, counts in rows
     ]
 
 
 def blend_for_megatron(shares: list[SourceShare]) -> tuple[list[str], list[float]]:
-    """``(prefixes, weights)`` for ``BlendedMegatronDatasetConfig.blend``; weights sum to 1."""
+    """``(prefixes, weights)`` for ``BlendedMegatronDatasetConfig.blend``; weights sum to 1.
+
+    A sharded source contributes each shard, its share split by the shards' token counts."""
     total = sum(s.share for s in shares)
-    return [s.path for s in shares], [s.share / total for s in shares]
+    prefixes, weights = [], []
+    for s in shares:
+        prefixes += s.prefixes
+        weights += [s.share / total * w for w in s.prefix_weights()]
+    return prefixes, weights
 
 
 def human(n: float) -> str:

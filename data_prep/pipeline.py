@@ -1,4 +1,4 @@
-"""JSONL -> Megatron ``.bin/.idx``: the parent-process side of ``data_prep/tokenize.py``.
+"""JSONL/Parquet/Arrow -> Megatron ``.bin/.idx``: the parent side of ``data_prep/tokenize.py``.
 
 The parent streams line-aligned byte blocks to a pool of workers (which parse, validate and
 encode), receives flat token arrays back *in input order*, and appends them to the output in
@@ -9,7 +9,6 @@ function of the inputs, tokenizer and options, so re-runs are byte-identical.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
 import signal
@@ -23,13 +22,19 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.encode_worker import ChunkResult, EncodeOptions, Skip, encode_block, init_worker
-from data_prep.jsonl_io import Block, JsonlReader, ReadFailure
+from data_prep.jsonl_io import Block, ReadFailure
 from data_prep.progress import Progress
+from data_prep.readers import open_reader
+from data_prep.shards import file_sha256  # noqa: F401 -- re-exported
 from data_prep.writer import AtomicIndexedWriter, token_dtype
+
+
+class EmptyOutputError(Exception):
+    """An output would hold no document (every input empty or unusable)."""
 
 MAX_EXAMPLES_PER_REASON = 100
 TEST_DELAY_ENV = "DATA_PREP_TEST_CHUNK_DELAY"  # test hook: seconds to sleep after each chunk
-_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
 
 
 class BadInputError(Exception):
@@ -48,6 +53,9 @@ class TokenizeOptions:
     fim_rate: float = 0.0
     fim_spm_rate: float = 0.5
     seed: int = 1234
+    eos_token: str | None = None  # tokenizer.json only; default: the first known EOS token
+    allow_empty: bool = False  # an output with no document is an error unless this is set
+    file_offset: int = 0  # position of the first file in the whole (sharded) job: FIM seeds
     start_method: str | None = None  # multiprocessing start method; None: see start_method()
 
 
@@ -70,6 +78,9 @@ class RunStats:
             {
                 "path": str(f),
                 "bytes_on_disk": f.stat().st_size,
+                "mtime_ns": f.stat().st_mtime_ns,
+                "sha256": None,
+                "lines": 0,
                 "documents": 0,
                 "tokens": 0,
                 "skipped": 0,
@@ -86,6 +97,7 @@ class RunStats:
         self.lines += r.n_lines
         f = self.per_file[r.file_index]
         f["documents"] += r.n_docs
+        f["lines"] += r.n_lines
         f["tokens"] += n_tok
         f["skipped"] += sum(r.skip_counts.values())
         for s in r.skips:
@@ -107,23 +119,16 @@ class RunStats:
             )
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _blocks(
-    files: list[Path], block_bytes: int, progress: Progress
+    stats: RunStats, opts: TokenizeOptions, progress: Progress
 ) -> Iterator[Block | ReadFailure]:
-    for i, path in enumerate(files):
-        reader = JsonlReader(path, i)
+    for i, path in enumerate(stats.files):
+        reader = open_reader(path, i, opts.text_key)
         done = progress.bytes_done
-        for block in reader.blocks(block_bytes):
+        for block in reader.blocks(opts.block_bytes):
             progress.set_bytes(done + reader.position)
             yield block
+        stats.per_file[i]["sha256"] = reader.sha256
         progress.set_bytes(done + path.stat().st_size)
 
 
@@ -193,17 +198,30 @@ def tokenize_files(files: list[Path], prefix: str, opts: TokenizeOptions, pool, 
         results = ordered_map(
             pool,
             encode_block,
-            _blocks(files, opts.block_bytes, progress),
+            _blocks(stats, opts, progress),
             window=2 * max(opts.workers, 1) + 2,
         )
         _consume(results, writer, stats, opts, progress)
+        if stats.documents == 0 and files and not opts.allow_empty:
+            raise EmptyOutputError(_empty_message(prefix, stats))
         writer.commit()
     return stats
+
+
+def _empty_message(prefix: str, stats: RunStats) -> str:
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items())) or "no lines"
+    return (
+        f"{prefix}: no documents in {len(stats.files)} input file(s) ({stats.lines} lines; "
+        f"skipped {reasons}; first file {stats.files[0]}); nothing written. "
+        "Pass --allow-empty if an empty output is expected"
+    )
 
 
 def encode_options(opts: TokenizeOptions, vocab_size: int) -> EncodeOptions:
     return EncodeOptions(
         model_path=str(opts.tokenizer_model),
+        eos_token=opts.eos_token,
+        file_offset=opts.file_offset,
         text_key=opts.text_key,
         dtype=token_dtype(vocab_size).__name__,
         punkt_params=opts.punkt_params,

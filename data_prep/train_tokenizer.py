@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_prep.fim import FIM_PIECES
-from data_prep.jsonl_io import expand_inputs, iter_texts
+from data_prep.input_files import expand_inputs
+from data_prep.readers import iter_texts
 from orchestration.common.files import write_json_atomic
 
 MAX_LINE_CHARS = 4096  # longer lines are cut: sentencepiece skips sentences over its byte limit

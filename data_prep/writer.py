@@ -10,19 +10,43 @@ removed by the next run for the same prefix.
 ``BulkIndexedDatasetBuilder`` is Megatron's ``IndexedDatasetBuilder`` with compact index storage
 (``array`` instead of lists of Python ints: 4-8 bytes per sequence, not ~36) and a vectorized
 sequence-pointer computation, so index size and finalize time stay reasonable at billions of
-documents; it writes the same bytes as the stock builder.
+documents; it writes the same bytes as the stock builder. Its ``add_index`` (used by ``data_prep.merge``)
+is Megatron's ``IndexedDatasetBuilder.add_index`` (as in Megatron-LM's
+``tools/merge_datasets.py``) done with whole arrays; tests check both give the same bytes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from array import array
 from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+class OutputError(Exception):
+    """The output cannot be written (a directory that is a file, no permission, disk full)."""
+
+
+def output_error(prefix: str, e: OSError) -> OutputError:
+    where = e.filename or str(Path(prefix).parent)
+    return OutputError(f"cannot write output {prefix}.{{bin,idx}}: {where}: {e.strerror or e}")
+
+
+def check_writable(prefix: str) -> None:
+    """Fail now, not after hours of tokenizing, if ``prefix``'s directory cannot be written."""
+    parent = Path(prefix).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{Path(prefix).name}.probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise output_error(prefix, e) from e
 
 
 def megatron_indexed_dataset():
@@ -62,6 +86,23 @@ def _builder_classes():
             self.sequence_lengths.frombytes(np.asarray(seq_lengths, "<i4").tobytes())
             ends = base + np.cumsum(doc_seqs, dtype=np.int64)
             self.document_indices.frombytes(ends.astype("<i8").tobytes())
+
+        def add_index(self, path_prefix: str) -> None:
+            """Megatron's ``add_index`` (append a whole dataset: its index entries shifted by
+            the sequences already here, then its ``.bin`` bytes), vectorized and compact."""
+            index = idx._IndexReader(path_prefix + ".idx", multimodal=False)
+            if index.dtype != self.dtype:
+                raise ValueError(
+                    f"{path_prefix}.idx holds {np.dtype(index.dtype).name} tokens, the merged "
+                    f"output {np.dtype(self.dtype).name}: shards of different tokenizers?"
+                )
+            offset = len(self.sequence_lengths)
+            self.sequence_lengths.frombytes(np.asarray(index.sequence_lengths, "<i4").tobytes())
+            docs = np.asarray(index.document_indices[1:], dtype=np.int64) + offset
+            self.document_indices.frombytes(docs.astype("<i8").tobytes())
+            del index
+            with open(path_prefix + ".bin", "rb") as f:
+                shutil.copyfileobj(f, self.data_file, 16 << 20)
 
         def finalize(self, idx_path: str) -> None:
             self.data_file.close()
@@ -108,20 +149,40 @@ class AtomicIndexedWriter:
 
     def __init__(self, prefix: str, dtype) -> None:
         self.prefix = prefix
-        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(prefix)
         self.tmp = f"{prefix}.tmp-{os.getpid()}"
-        self.builder = _builder_classes()(self.tmp + ".bin", dtype=dtype)
         self.committed = False
+        builder = _builder_classes()
+        try:
+            Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(prefix)
+            self.builder = builder(self.tmp + ".bin", dtype=dtype)
+        except OSError as e:
+            raise output_error(prefix, e) from e
 
     @property
     def tmp_paths(self) -> tuple[str, str]:
         return self.tmp + ".bin", self.tmp + ".idx"
 
     def add_chunk(self, tokens: np.ndarray, seq_lengths: np.ndarray, doc_seqs: np.ndarray) -> None:
-        self.builder.add_documents(tokens, seq_lengths, doc_seqs)
+        try:
+            self.builder.add_documents(tokens, seq_lengths, doc_seqs)
+        except OSError as e:
+            raise output_error(self.prefix, e) from e
+
+    def add_index(self, prefix: str) -> None:
+        """Append a whole ``.bin/.idx`` (``data_prep.merge``)."""
+        try:
+            self.builder.add_index(prefix)
+        except OSError as e:
+            raise output_error(self.prefix, e) from e
 
     def commit(self) -> None:
+        try:
+            self._commit()
+        except OSError as e:
+            raise output_error(self.prefix, e) from e
+
+    def _commit(self) -> None:
         tmp_bin, tmp_idx = self.tmp_paths
         self.builder.finalize(tmp_idx)
         _fsync(tmp_bin)
@@ -133,6 +194,8 @@ class AtomicIndexedWriter:
         self.committed = True
 
     def abort(self) -> None:
+        if not hasattr(self, "builder"):
+            return
         if not self.builder.data_file.closed:
             self.builder.data_file.close()
         for f in self.tmp_paths:

@@ -48,10 +48,13 @@ def build_split(config: GPTDatasetConfig, sizes: list[int]):
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
 
 
-def build_held_out(config: GPTDatasetConfig, prefix: str, valid_samples: int):
+def build_held_out(config: GPTDatasetConfig, prefix: str | list[str], valid_samples: int,
+                   weights: list[float] | None = None):
     """One source's held-out (validation) set under the split of ``config``: the documents the
-    blend holds out of that source, without building (and caching) a train index for it."""
-    single = replace(config, blend=([prefix], None))
+    blend holds out of that source, without building (and caching) a train index for it. A
+    sharded source passes its prefixes and their ``weights`` (one blend over its shards)."""
+    prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
+    single = replace(config, blend=(prefixes, weights if len(prefixes) > 1 else None))
     single.split_matrix = [None, single.split_matrix[1], None]
     _, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [0, valid_samples, 0], lambda: True, single).build()

@@ -15,7 +15,7 @@ import zstandard
 from test_data_common import REPO, make_docs, read_dataset, tiny_tokenizer, write_jsonl
 
 from data_prep.pipeline import TEST_DELAY_ENV, TokenizeOptions
-from data_prep.tokenize_cli import main, run_tokenize
+from data_prep.tokenize_cli import EXIT_BAD_DATA, main, run_tokenize
 
 GOOD = json.dumps({"text": "A fine document."}).encode()
 BAD_LINES = [  # (raw line, reason): one of every kind of unusable line
@@ -116,7 +116,7 @@ def test_strict_fails_on_first_bad_line_and_leaves_nothing(tmp_path, capsys):
         ]
     )
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == EXIT_BAD_DATA == 3
     assert f"{path}:2: invalid_json: not valid JSON" in err and "--strict" in err
     assert list(tmp_path.glob("out*")) == []
 
@@ -135,7 +135,7 @@ def test_strict_reports_truncated_gzip(tmp_path, capsys):
             "--no-progress",
         ]
     )
-    assert rc == 1 and "truncated_input: gzip stream ended early" in capsys.readouterr().err
+    assert rc == EXIT_BAD_DATA and "truncated_input: gzip stream ended early" in capsys.readouterr().err
     assert list(tmp_path.glob("out*")) == []
 
 
@@ -165,6 +165,7 @@ def _start_slow_run(inputs: Path, prefix: Path) -> subprocess.Popen:
             "--workers",
             "1",
             "--no-progress",
+            "--force",  # the previous output is up to date; redo it anyway
         ],
         cwd=REPO,
         env=env,

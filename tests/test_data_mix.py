@@ -135,3 +135,57 @@ def test_every_mix_composes_as_the_hydra_data_group():
         for yaml_file in sorted(CONF.glob("*.yaml")):
             cfg = compose(config_name="config", overrides=[f"data={yaml_file.stem}"])
             assert cfg.data.name == yaml_file.stem and len(cfg.data.sources) >= 1
+
+
+def _sharded_source(tmp_path, n_docs: int = 120) -> tuple[list[str], str]:
+    """Two shards of one corpus (data_prep/tokenize.py --shard) and the same corpus unsharded."""
+    from data_prep.shards import Shard
+
+    opts = TokenizeOptions(tokenizer_model=tiny_tokenizer(), workers=0, progress=False)
+    for i in range(4):
+        write_jsonl(tmp_path / "in" / f"p{i}.jsonl", make_docs(n_docs // 4, seed=20 + i))
+    shards = [run_tokenize([tmp_path / "in"], str(tmp_path / "web"), opts, shard=Shard(i, 2))[0]
+              for i in (1, 2)]
+    (whole,) = run_tokenize([tmp_path / "in"], str(tmp_path / "whole"), opts)
+    return [s["output_prefix"] for s in shards], whole["output_prefix"]
+
+
+def test_a_source_of_many_shards_sums_them_and_keeps_its_weight(tmp_path):
+    shards, whole = _sharded_source(tmp_path)
+    other = {"name": "b", "path": "/nope/b", "tokens": 1000, "multiplier": 2}
+    merged = compute_mix([{"name": "web", "path": whole, "multiplier": 1.5}, other])
+    globbed = compute_mix([{"name": "web", "path": str(tmp_path / "web_text_document-shard-*"),
+                            "multiplier": 1.5}, other])
+    listed = compute_mix([{"name": "web", "paths": shards, "multiplier": 1.5}, other])
+    for mix in (globbed, listed):
+        assert mix[0].name == "web" and mix[0].prefixes == shards
+        assert mix[0].tokens == merged[0].tokens == sum(count_tokens(p) for p in shards)
+        assert mix[0].share == pytest.approx(merged[0].share) and mix[0].multiplier == 1.5
+    prefixes, weights = blend_for_megatron(globbed)
+    assert prefixes == [*shards, "/nope/b"] and sum(weights) == pytest.approx(1.0)
+    assert weights[0] + weights[1] == pytest.approx(merged[0].share)
+    assert weights[0] / weights[1] == pytest.approx(count_tokens(shards[0]) / count_tokens(shards[1]))
+    with pytest.raises(ValueError, match=r"source 'x': .*nothing-\* matches no \.idx"):
+        compute_mix([{"name": "x", "path": str(tmp_path / "nothing-*")}])
+
+
+def test_sharded_source_trains_and_has_one_held_out_set(tmp_path, megatron_env):
+    from orchestration.config import DataConfig, SourceConfig
+    from orchestration.data.datasets import build_datasets, check_sources_exist
+    from orchestration.data.tokenizer import TokenizerInfo
+
+    shards, whole = _sharded_source(tmp_path, n_docs=400)
+    data = DataConfig(name="t", split="80,20,0", sources=[
+        SourceConfig(name="web", path=str(tmp_path / "web_text_document-shard-*")),
+        SourceConfig(name="whole", path=whole)])
+    check_sources_exist(data)
+    built = build_datasets(data, TokenizerInfo.from_sentencepiece(tiny_tokenizer()), 32, 1,
+                           train_samples=64, valid_samples=16, cache_dir=tmp_path / "cache",
+                           per_source=True)
+    assert {d.dataset_path for d in built.train.datasets} == {*shards, whole}
+    held = built.valid_per_source["web"]
+    assert {d.dataset_path for d in held.datasets} == set(shards) and len(held) >= 16
+    assert set(built.valid_per_source) == {"web", "whole"}
+    data.sources[0].path = str(tmp_path / "gone-*")
+    with pytest.raises(FileNotFoundError, match=r"sources\[0\] \(web\): .*gone-\* matches no"):
+        check_sources_exist(data)

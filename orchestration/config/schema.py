@@ -90,10 +90,15 @@ class OptimConfig:
 
 @dataclass
 class SourceConfig:
-    """One source of a data mix: a Megatron indexed dataset prefix (no .bin/.idx suffix)."""
+    """One source of a data mix: Megatron indexed dataset prefixes (no .bin/.idx suffix).
+
+    ``path`` is one prefix or a glob (``web_text_document-shard-*``); ``paths`` lists several
+    (prefixes or globs), e.g. the shards of a sharded tokenization. The source's tokens are
+    their sum, and its name, multiplier and held-out loss cover all of them."""
 
     name: str = ""
     path: str = ""
+    paths: list[str] = field(default_factory=list)
     multiplier: float = 1.0
     tokens: int | None = None
 

@@ -21,13 +21,21 @@ from orchestration.data.tokenizer import TokenizerInfo, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def blend_of(data: DataConfig) -> tuple[list[str], list[float] | None]:
-    """Megatron ``blend``: source prefixes and weights proportional to tokens x multiplier."""
+def source_shares(data: DataConfig) -> list:
+    """Each source's share of the blend and its prefixes (``data_prep.mix.SourceShare``)."""
     if not data.sources:
         raise ValueError(f"data '{data.name}': data.sources is empty; list at least one source")
-    from data_prep.mix import blend_for_megatron, compute_mix
+    from data_prep.mix import compute_mix
 
-    prefixes, weights = blend_for_megatron(compute_mix(data.sources))
+    return compute_mix(data.sources)
+
+
+def blend_of(data: DataConfig, shares: list | None = None) -> tuple[list[str], list[float] | None]:
+    """Megatron ``blend``: source prefixes (every shard of a sharded source) and weights
+    proportional to tokens x multiplier."""
+    from data_prep.mix import blend_for_megatron
+
+    prefixes, weights = blend_for_megatron(shares or source_shares(data))
     return prefixes, (weights if len(prefixes) > 1 else None)
 
 
@@ -43,10 +51,11 @@ def build_datasets(data: DataConfig, tokenizer: TokenizerInfo, seq_length: int, 
                    per_source: bool = False) -> StageDatasets:
     """Build (or load the cached index of) the blended train/valid datasets of one stage, and
     with ``per_source`` each source's own held-out set (the same documents the blend holds out)."""
+    shares = source_shares(data)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=blend_of(data),
+        blend=blend_of(data, shares),
         split=data.split,
         path_to_cache=str(cache_dir),
         tokenizer=tokenizer,
@@ -62,8 +71,9 @@ def build_datasets(data: DataConfig, tokenizer: TokenizerInfo, seq_length: int, 
         raise ValueError(f"data '{data.name}': split '{data.split}' leaves no training data")
     held_out = {}
     if per_source and len(data.sources) > 1 and valid is not None:
-        for source in data.sources:
-            held_out[source.name] = build_held_out(config, source.path, valid_samples)
+        for share in shares:  # a sharded source: one held-out set over all its shards
+            held_out[share.name] = build_held_out(config, share.prefixes, valid_samples,
+                                                  share.prefix_weights())
     return StageDatasets(train=train, valid=valid, valid_per_source=held_out)
 
 
@@ -79,9 +89,17 @@ def stage_datasets(cfg: RunConfig, stage) -> StageDatasets:
 
 
 def check_sources_exist(data: DataConfig) -> None:
+    from data_prep.mix import source_prefixes
+
     for i, source in enumerate(data.sources):
-        missing = [f"{source.path}{ext}" for ext in (".bin", ".idx")
-                   if not Path(f"{source.path}{ext}").is_file()]
+        prefixes = source_prefixes(source)
+        if not prefixes:
+            patterns = ", ".join([source.path, *source.paths]).strip(", ") or "(no path)"
+            raise FileNotFoundError(
+                f"data '{data.name}' sources[{i}] ({source.name}): {patterns} matches no .idx "
+                "file; tokenize it with `python data_prep/tokenize.py` or fix the path")
+        missing = [f"{p}{ext}" for p in prefixes for ext in (".bin", ".idx")
+                   if not Path(f"{p}{ext}").is_file()]
         if missing:
             raise FileNotFoundError(
                 f"data '{data.name}' sources[{i}] ({source.name}): missing {', '.join(missing)}; "
