@@ -46,7 +46,10 @@ def write_files(data_dir: Path, copies: int, out: Path) -> list[Path]:
 def _tokenize(model: str, inputs: Path, out: Path, workers: int) -> tuple[float, dict]:
     opts = TokenizeOptions(tokenizer_model=model, workers=workers, progress=False)
     t0 = time.perf_counter()
-    (s,) = run_tokenize([inputs], str(out), opts)
+    # force: every repetition tokenizes; an up-to-date output would otherwise be skipped.
+    (s,) = run_tokenize([inputs], str(out), opts, force=True)
+    if s.get("reused"):
+        raise RuntimeError(f"{out}: the output was reused, so this repetition timed nothing")
     return time.perf_counter() - t0, s
 
 
