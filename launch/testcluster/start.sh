@@ -11,7 +11,7 @@
 # every process of a step, including torchrun's ranks, which run in sessions of their own (with
 # proctrack/pgid they would be missed). No accounting: job states come from squeue/scontrol.
 # Environment: SLURM_TESTCLUSTER_DIR (state dir, default /tmp/open-pretrain-slurm), CPUS (per
-# node, default 4: two jobs of 2 ranks fit), KILL_WAIT (s between SIGTERM and SIGKILL, default 30).
+# node, default 4: two jobs of 2 ranks fit), KILL_WAIT (s between SIGTERM and SIGKILL, default 120).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE="${SLURM_TESTCLUSTER_DIR:-/tmp/open-pretrain-slurm}"
@@ -120,7 +120,9 @@ ReturnToService=2
 # Nodes say CPUs=${CPUS:-4} whatever the host has; several test jobs share the cores.
 SlurmdParameters=config_overrides
 JobRequeue=1
-KillWait=${KILL_WAIT:-30}
+# Seconds between the SIGTERM of scancel or of the time limit and SIGKILL: the ranks' last step
+# and stop checkpoint must fit. 30 s is SLURM's default; a CPU shared with other work saves slowly.
+KillWait=${KILL_WAIT:-120}
 # Finished jobs stay visible to scontrol/squeue for 10 minutes (there is no accounting).
 MinJobAge=600
 InactiveLimit=0
