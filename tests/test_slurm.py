@@ -53,7 +53,8 @@ def _cluster_conf() -> tuple[str | None, str]:
         return None, "sinfo timed out"
     up = [line for line in proc.stdout.splitlines() if line.split()[-1] in ("idle", "mix", "alloc")]
     if proc.returncode != 0 or len(up) < 2:
-        return None, f"the SLURM test cluster is not up (sinfo: {proc.stdout or proc.stderr})"
+        said = (proc.stdout or proc.stderr).strip().replace("\n", "; ")
+        return None, f"the SLURM test cluster is not up (sinfo: {said})"
     return conf, ""
 
 
