@@ -32,7 +32,7 @@ install_packages() {
   say "installing slurm-wlm and munge"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+  apt-get install -y -qq slurm-wlm munge >/dev/null
 }
 
 # True when `sinfo` answers and every node is idle (or busy: mixed/allocated) and responding.
