@@ -1,12 +1,14 @@
 # Set-up and the two entry points a new machine needs. `make demo` trains the tiny model on the
 # embedded demo corpus end to end; `make test` runs the test suite. Both create .venv first.
+# `make test-slurm` (root) starts the 2-node SLURM of launch/testcluster, runs the `slurm` tests
+# on it and stops it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all test-slurm lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,10 +24,16 @@ demo: setup
 	$(PY) -m orchestration.demo
 
 test: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
 
 test-all: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slurm: setup
+	launch/testcluster/start.sh
+	status=0; SLURM_CONF=$${SLURM_TESTCLUSTER_DIR:-/tmp/open-pretrain-slurm}/slurm.conf \
+	  $(PY) -m pytest -q -m slurm $(PYTEST_ARGS) || status=$$?; \
+	  launch/testcluster/stop.sh; exit $$status
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -23,11 +23,12 @@ log_msg() {
 }
 
 # Hosts of a SLURM node list, one per line. scontrol knows every syntax SLURM emits; where it is
-# missing (containers, laptops, tests) orchestration/cluster/nodelist.py (standard library only)
-# handles ranges, padding and suffixes.
+# missing or cannot run (containers, laptops, a SLURM client with no slurm.conf, tests)
+# orchestration/cluster/nodelist.py (standard library only) handles ranges, padding, suffixes.
 expand_nodelist() {
-  if command -v scontrol >/dev/null 2>&1; then
-    scontrol show hostnames "$1"
+  local hosts
+  if command -v scontrol >/dev/null 2>&1 && hosts="$(scontrol show hostnames "$1" 2>/dev/null)"; then
+    [[ -z "$hosts" ]] || echo "$hosts"
   else
     (cd "$REPO_DIR" && "$PYTHON" -m orchestration.cluster.nodelist "$1")
   fi
@@ -119,8 +120,10 @@ setup_distributed_env() {
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((cpus / ranks > 0 ? cpus / ranks : 1))}"
 }
 
-# TORCHRUN_CMD: what one node runs. --node-rank comes from SLURM_NODEID, so call this *on the
-# node* (launch/node.sh), not in the batch shell. Overrides pass through as separate words.
+# TORCHRUN_CMD: what one node runs (launch/node.sh calls it on the node). No --node-rank: with
+# the c10d rendezvous torchrun assigns node ranks in the order nodes join and ignores the flag
+# (it warns "node_rank is only used for static rdzv_backend"), so global rank 0 may be on any
+# node; the rendezvous store is on MASTER_ADDR. Overrides pass through as separate words.
 build_torchrun_cmd() {
   local experiment="$1"
   shift
@@ -134,7 +137,6 @@ build_torchrun_cmd() {
     "${TORCHRUN_LAUNCHER[@]}"
     --nnodes="${SLURM_NNODES:-1}"
     --nproc-per-node="$(gpus_per_node)"
-    --node-rank="${SLURM_NODEID:-0}"
     --rdzv-id="${SLURM_JOB_ID:-local}"
     --rdzv-backend=c10d
     --rdzv-endpoint="$addr:$port"
@@ -172,6 +174,52 @@ print_srun_cmd() {
   build_srun_cmd "$@"
   printf '%q ' "${SRUN_CMD[@]}"
   echo
+}
+
+# run_forwarding_stop MODE COMMAND...: run COMMAND in the background and return its status. A
+# SIGUSR1 or SIGTERM to this shell means "checkpoint and stop": SIGUSR1 goes to COMMAND itself
+# (MODE=self: srun, which passes it on to its tasks, launch/node.sh) or to COMMAND's children
+# (MODE=children: torchrun's ranks), and again every STOP_RESEND_S seconds (default 5) until
+# COMMAND exits. Why this is needed:
+# - SLURM delivers a signal other than SIGKILL (scancel --signal, --signal=USR1@N, scancel's
+#   SIGTERM) only to the processes slurmstepd started itself, the tasks, not to their children
+#   (proctrack/cgroup's "only signal slurm tasks unless signal is SIGKILL"). torchrun starts
+#   each rank in a session of its own, so nothing SLURM sends reaches a rank on its own.
+# - A rank ignores SIGUSR1 (inherited from here: a rank killed by it could not checkpoint)
+#   until its handler is installed, after the model and data are built; a warning that lands
+#   during that start-up would be lost, so it is sent again until the command is gone.
+# The handler in every rank keeps the first signal; the ranks agree on the step in the step's
+# all-reduce, checkpoint it and exit 0, and rank 0 requeues the job.
+run_forwarding_stop() {
+  local mode="$1" child status=0 told=""
+  shift
+  trap '' USR1  # COMMAND inherits "ignored"; SIG_DFL would kill it (torchrun has no handler)
+  "$@" &
+  child=$!
+  STOP_SIGNAL=""
+  trap 'STOP_SIGNAL=${STOP_SIGNAL:-USR1}' USR1
+  trap 'STOP_SIGNAL=${STOP_SIGNAL:-TERM}' TERM
+  while :; do
+    wait "$child" && status=0 || status=$?
+    kill -0 "$child" 2>/dev/null || break  # it exited: status is its own
+    while [[ -n "$STOP_SIGNAL" ]] && kill -0 "$child" 2>/dev/null; do
+      if [[ -z "$told" ]]; then
+        log_msg "SIG$STOP_SIGNAL: asking $([[ $mode == self ]] && echo "$1" ||
+          echo "the ranks of $1") (pid $child) to checkpoint and stop"
+        told=1
+      fi
+      if [[ "$mode" == self ]]; then
+        kill -USR1 "$child" 2>/dev/null || true
+      else
+        pkill -USR1 -P "$child" 2>/dev/null || true
+      fi
+      sleep "${STOP_RESEND_S:-5}" &
+      wait $! 2>/dev/null || true
+    done
+  done
+  wait "$child" 2>/dev/null && status=0 || status=$?
+  trap - USR1 TERM
+  return "$status"
 }
 
 # Newest complete checkpoint of a run dir (orchestration/checkpoint/layout.py).
@@ -223,7 +271,9 @@ run_job() {
     "run dir ${RUN_DIR}; image ${IMAGE:-none}"
   build_srun_cmd "$@"
   local rc=0
-  "${SRUN_CMD[@]}" || rc=$?
+  # A signal to this shell (scancel --batch/--full, --signal=B:USR1@N, scancel's SIGTERM) would
+  # otherwise kill it and the job with it: pass it on as SIGUSR1 through srun to node.sh.
+  run_forwarding_stop self "${SRUN_CMD[@]}" || rc=$?
   log_msg "srun exited with status $rc"
   requeue_if_requested "$RUN_DIR"
   return "$rc"

@@ -1,17 +1,14 @@
 #!/usr/bin/env bash
 # Runs once per node (srun --ntasks-per-node=1 from common.sh's run_job): build this node's
-# torchrun command from SLURM_NODEID & co. and replace this shell with it.
+# torchrun command from SLURM_* and run it, passing SLURM's stop signals on to the ranks.
 #   usage (by srun only): bash launch/node.sh EXPERIMENT [HYDRA_OVERRIDES...]
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-# SLURM's --signal=USR1@120 (no "B:") reaches every process of the step, torchrun included.
-# torchrun installs no USR1 handler, so the default action would kill it and its ranks before
-# they could checkpoint. An ignored disposition survives exec and fork, so torchrun ignores
-# the signal; each training rank replaces the disposition with orchestration.cluster.signals' handler.
-trap '' USR1
-
 build_torchrun_cmd "$@"
 log_msg "node ${SLURM_NODEID:-0} ($(hostname)): ${TORCHRUN_CMD[*]}"
-exec "${TORCHRUN_CMD[@]}"
+# Not exec: SLURM's signals (--signal=USR1@N, scancel --signal=USR1, scancel's SIGTERM) reach
+# this shell, the step's task, but not torchrun's ranks, which run in sessions of their own;
+# this shell passes them on to the ranks as SIGUSR1 (common.sh, run_forwarding_stop).
+run_forwarding_stop children "${TORCHRUN_CMD[@]}"

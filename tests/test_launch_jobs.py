@@ -138,3 +138,47 @@ def test_a_batch_that_does_not_split_fails_before_srun(job_env, tmp_path):
     assert not (tmp_path / "torchrun.json").exists(), "no torchrun was started"
     ok = _sbatch("train.sbatch", "demo", "train.global_batch_size=64", env=env)
     assert ok.returncode == 0, ok.stderr
+
+
+# A torchrun stand-in: one "rank" in a session of its own (as torch's elastic agent starts its
+# workers), which ignores USR1 (inherited) while it "starts up", then installs a handler that
+# records the signal and exits 0; the launcher exits with the rank's status.
+FAKE_TORCHRUN_WITH_RANK = """#!{python}
+import os, signal, subprocess, sys
+rank = '''
+import os, signal, sys, time
+out = sys.argv[1]
+open(out + ".started", "w").close()
+time.sleep(1.5)  # start-up: USR1 still ignored, as in a rank building its model
+signal.signal(signal.SIGUSR1, lambda s, f: (open(out, "w").write("USR1"), sys.exit(0)))
+time.sleep(60)
+'''
+child = subprocess.Popen([sys.executable, "-c", rank, os.environ["LOG_DIR"] + "/rank.signal"],
+                         start_new_session=True)
+sys.exit(child.wait())
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_node_sh_passes_slurms_stop_signals_on_to_the_ranks(job_env, tmp_path, sig):
+    """SLURM signals only the step's task (node.sh), never torchrun's ranks (sessions of their
+    own): node.sh turns TERM or USR1 into USR1 for the ranks, and resends it until torchrun
+    exits, so a rank that still ignored USR1 when the signal came gets it once its handler is
+    in. Old node.sh exec'd torchrun: TERM killed it (and the ranks never heard of USR1)."""
+    import signal
+    import time
+
+    fake = tmp_path / "bin" / "torchrun"
+    fake.write_text(FAKE_TORCHRUN_WITH_RANK.format(python=sys.executable))
+    env = job_env | {"MASTER_ADDR": "127.0.0.1", "STOP_RESEND_S": "0.3"}
+    proc = subprocess.Popen(["bash", "launch/node.sh", "tiny"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "rank.signal.started").exists():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))  # while the rank still ignores USR1
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "rank.signal").read_text() == "USR1"
+    assert f"{sig}: asking the ranks of" in err
