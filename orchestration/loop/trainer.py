@@ -239,21 +239,19 @@ class Trainer:
 
         history = [e for e in self.data_history if e["step"] <= step]
         mine = [e for e in history if e["stage"] == stage.index]
-        now = to_dict(stage.data)
-        if mine and data_fingerprint(to_data_config(mine[-1]["data"])) == \
-                data_fingerprint(stage.data):
-            self.data_history = history
-            return
-        if mine and mine[-1]["step"] == step:
-            history.remove(mine[-1])
-            mine.pop()
-        history.append({"stage": stage.index, "step": step if mine else stage.first_step,
-                        "data": now})
-        if mine:
-            log.warning("stage '%s': the mix changes at step %d to '%s'; every source continues "
-                        "after what the earlier mix read", stage.name, step, stage.data.name)
+        same = mine and data_fingerprint(to_data_config(mine[-1]["data"])) == \
+            data_fingerprint(stage.data)
+        if not same:
+            if mine and mine[-1]["step"] == step:
+                history.remove(mine.pop())
+            history.append({"stage": stage.index, "step": step if mine else stage.first_step,
+                            "data": to_dict(stage.data)})
+            if mine:
+                log.warning("stage '%s': the mix changes at step %d to '%s'; every source "
+                            "continues after what the earlier mix read", stage.name, step,
+                            stage.data.name)
         self.data_history = history
-        if self.is_main:
+        if self.is_main:  # at stage entry only (and after a resume or rollback): rare, small
             write_json_atomic(self.run_dir / "data_history.json", history)
 
     def _merge(self, decisions: list[Decision | None]) -> None:
