@@ -53,11 +53,11 @@ def count_tokens(prefix: str, subset: list[float] | None = None) -> int:
     """Tokens in a Megatron dataset, from its ``.idx`` alone (no ``.bin`` read or needed);
     with ``subset: [a, b]`` those of its documents ``[round(a n), round(b n))``."""
     from megatron_patches.datasets import count_tokens as _count
-    from megatron_patches.datasets import document_lengths
+    from megatron_patches.datasets import document_count
 
     if subset is None:
         return _count(prefix)
-    n = len(document_lengths(prefix))
+    n = document_count(prefix)
     return _count(prefix, (int(round(subset[0] * n)), int(round(subset[1] * n))))
 
 

@@ -16,7 +16,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 __all__ = ["BlendedDataset", "GPTDataset", "GPTDatasetConfig", "build_split", "build_held_out",
-           "build_epoch", "build_blend", "document_lengths", "train_documents",
+           "build_epoch", "build_blend", "document_count", "train_documents",
            "indexed_dataset_module", "count_tokens", "read_tokens"]
 
 
@@ -31,17 +31,21 @@ def indexed_dataset_module() -> ModuleType:
 def count_tokens(prefix: str, documents: tuple[int, int] | None = None) -> int:
     """Tokens in a Megatron dataset (or in its documents ``[begin, end)``), from its ``.idx``
     alone (no ``.bin`` read or needed)."""
-    lengths = document_lengths(prefix)
-    if documents is not None:
-        lengths = lengths[documents[0]:documents[1]]
-    return int(lengths.sum(dtype="int64"))
-
-
-def document_lengths(prefix: str):
-    """Tokens of each document of ``prefix``, from its ``.idx`` (a copy: the index is closed)."""
     index = indexed_dataset_module()._IndexReader(prefix + ".idx", multimodal=False)
     try:
-        return index.sequence_lengths.copy()
+        lengths = index.sequence_lengths
+        if documents is not None:
+            lengths = lengths[documents[0]:documents[1]]
+        return int(lengths.sum(dtype="int64"))
+    finally:
+        del index
+
+
+def document_count(prefix: str) -> int:
+    """Documents (sequences, as GPTDataset splits them) in ``prefix``, from its ``.idx``."""
+    index = indexed_dataset_module()._IndexReader(prefix + ".idx", multimodal=False)
+    try:
+        return int(index.sequence_lengths.shape[0])
     finally:
         del index
 

@@ -7,7 +7,6 @@ import copy
 import json
 from pathlib import Path
 
-import pytest
 from dist import run_single
 from probes import token_hash
 
@@ -88,3 +87,30 @@ def _export_text(run_dir: Path, *args: str) -> list[str]:
     out = run_dir / "sequence.txt"
     assert main([str(run_dir), "--output", str(out), *args]) == 0
     return out.read_text().splitlines()
+
+
+def test_a_new_mix_on_resume_continues_every_source(tiny_cfg, tmp_path):
+    """Job 1 trains steps 1-6 with one mix; job 2 resumes with alpha weighted 3x. The history
+    records both; no sample of any source is read twice and the export matches the reads."""
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.train.max_steps, cfg.train.exit_after_steps = 12, 6
+    cfg.callbacks = {"probes:DataProbe": {}}
+    assert run_single(cfg)["final_step"] == 6
+    cfg.train.exit_after_steps = None
+    cfg.data.sources[0].multiplier = 3.0
+    assert run_single(cfg)["final_step"] == 12
+    history = json.loads((tmp_path / "run" / "data_history.json").read_text())
+    assert [(e["step"], e["data"]["sources"][0]["multiplier"]) for e in history] == \
+        [(1, 1.0), (7, 3.0)]
+    records = _export(tmp_path / "run")
+    pairs = [tuple(p) for r in records for p in r["samples"]]
+    assert len(set(pairs)) == len(pairs) == 12 * cfg.train.global_batch_size
+    for source in ("alpha", "beta"):
+        seen = sorted(p for s, p in pairs if s == source)
+        assert seen == list(range(len(seen))), f"{source} continues where job 1 stopped"
+    late = [s for r in records[6:] for s, _ in r["samples"]]
+    assert late.count("alpha") > late.count("beta"), "the new mix is read from step 7 on"
+    probe = json.loads((tmp_path / "run" / "data_probe.json").read_text())
+    tokens = _tokens_of(tmp_path / "run", records)
+    assert all(tokens[r["step"]] == probe[str(r["step"])]["tokens"] for r in records)

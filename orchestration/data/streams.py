@@ -24,6 +24,7 @@ been read in stage 1). Here the order of each source is fixed once for the run:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +34,13 @@ from megatron_patches.datasets import (
     GPTDatasetConfig,
     build_blend,
     build_epoch,
-    document_lengths,
+    document_count,
     train_documents,
 )
 from orchestration.config import DataConfig, to_dict
 from orchestration.data.tokenizer import TokenizerInfo
+
+log = logging.getLogger(__name__)
 
 
 def gpt_config(data: DataConfig, tokenizer: TokenizerInfo, seq_length: int, seed: int,
@@ -213,6 +216,7 @@ class RunStreams:
         self._streams: dict[tuple, Stream] = {}
         self._documents: dict[str, int] = {}
         self._blends: dict[str, SegmentBlend] = {}
+        self._warned: set[tuple[StreamKey, int]] = set()
 
     def blends(self, segments: list[Segment], upto: int) -> list[SegmentBlend]:
         """The blends of ``segments[:upto + 1]``; each segment's slices start where the earlier
@@ -243,6 +247,9 @@ class RunStreams:
                 if any(s.stream.key == stream.key for s in slices):
                     raise ValueError(f"data '{data.name}': source '{share.name}' reads the same "
                                      f"documents of {prefix} as another source of the mix")
+                if (stream.key, segment.first_step) not in self._warned:
+                    self._warned.add((stream.key, segment.first_step))
+                    _warn_if_rereading(stream.key, consumed, segment)
                 slices.append(StreamSlice(stream, consumed.get(stream.key, 0), segment.samples))
                 names.append(share.name if len(share.prefixes) == 1 else f"{share.name}#{k}")
                 weights.append(weight)
@@ -259,7 +266,7 @@ class RunStreams:
     def _stream(self, prefix: str, subset: list[float] | None, seq_length: int,
                 config: GPTDatasetConfig) -> Stream:
         if prefix not in self._documents:
-            self._documents[prefix] = len(document_lengths(prefix))
+            self._documents[prefix] = document_count(prefix)
         n = self._documents[prefix]
         begin, end = train_documents(config, n)
         if subset is not None:
@@ -273,6 +280,20 @@ class RunStreams:
         if cache_key not in self._streams:
             self._streams[cache_key] = Stream(key, n, config, self.seed)
         return self._streams[cache_key]
+
+
+def _warn_if_rereading(key: StreamKey, consumed: dict[StreamKey, int], segment: Segment) -> None:
+    """A stream that overlaps one already read (another ``seq_length``, an overlapping
+    ``subset``) starts at its beginning, so it reads some documents again: say so."""
+    for other, count in consumed.items():
+        overlap = min(key.documents[1], other.documents[1]) > max(key.documents[0],
+                                                                  other.documents[0])
+        if other != key and other.prefix == key.prefix and overlap and count > 0:
+            log.warning("stage '%s' reads %s (documents %s, seq_length %d) from its start: earlier "
+                        "segments read %d samples of an overlapping stream (documents %s, "
+                        "seq_length %d), whose documents it reads again", segment.stage.name,
+                        key.prefix, list(key.documents), key.seq_length, count,
+                        list(other.documents), other.seq_length)
 
 
 def _counts(dataset_index, size: int, chunk: int = 1 << 26) -> list[int]:
