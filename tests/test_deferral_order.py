@@ -140,3 +140,36 @@ def test_a_window_deferred_to_the_end_of_training_is_read_by_the_last_stage(tmp_
     callback.deferred[0] = [[1, 2]]
     with pytest.raises(ValueError, match="mix spike.defer_to=stage_end and training_end"):
         _run_order(callback, trainer)
+
+
+def test_training_end_needs_one_batch_shape_across_stages():
+    from orchestration.config import ConfigError, StageConfig, validate
+
+    cfg = RunConfig()
+    cfg.stages = [StageConfig(name="a", max_steps=4), StageConfig(name="b", max_steps=4,
+                                                                   global_batch_size=32)]
+    validate(cfg)  # stage_end: any shapes
+    cfg.spike.defer_to = "training_end"
+    with pytest.raises(ConfigError, match="spike.defer_to=training_end .* same "
+                                          "global_batch_size and seq_length"):
+        validate(cfg)
+    cfg.spike.defer_to = "end"
+    with pytest.raises(ConfigError, match="spike.defer_to='end' is not one of"):
+        validate(cfg)
+
+
+def test_trouble_that_survives_rollbacks_stops_the_run(tiny_cfg, tmp_path):
+    """Every step from 3 on is flagged (a negative z threshold): deferring would move the next
+    batches up and roll back again forever; after 3 rollbacks from step 3 the run stops."""
+    import copy
+
+    from dist import run_single
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.train.max_steps, cfg.checkpoint.save_interval = 8, 2
+    cfg.spike.min_history, cfg.spike.threshold, cfg.spike.check_grad_norm = 2, -10.0, False
+    cfg.spike.escalate_after, cfg.spike.on_escalation = 2, "rollback_defer"
+    out = run_single(cfg)
+    assert out["failed"] and "came back after 3 rollbacks" in out["stopped"]
+    assert out["final_step"] == 4

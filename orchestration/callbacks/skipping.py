@@ -35,6 +35,7 @@ from orchestration.metrics.logger import MetricsLogger
 log = logging.getLogger(__name__)
 _INJECTIONS = {"nan": float("nan"), "spike": 1000.0}  # loss (and gradient) multipliers
 _NOT_COMPUTED = ("configured spike.skip_steps", "replayed skip list", "rolled-back window")
+MAX_ROLLBACKS_FROM_ONE_STEP = 3  # then the run stops (failed) instead of rolling back again
 RUN_SCOPE = -1  # the ``deferred`` key (and skip-log ``stage_index``) of windows deferred to the end
 
 
@@ -55,6 +56,7 @@ class SkipBatchesCallback(Callback):
         self.pending: dict[str, Any] = {}
         self.injected: set[int] = set()
         self.escalation: tuple[int, str] | None = None  # (step, message) of a rollback asked for
+        self.rollbacks_from: dict[int, int] = {}  # first bad step -> rollbacks (this process)
 
     @classmethod
     def from_config(cls, context, **options) -> SkipBatchesCallback:
@@ -170,6 +172,14 @@ class SkipBatchesCallback(Callback):
         self.detector.recent_skips = []
         if action == "stop":
             return Decision(stop=f"loss spikes: {message}", failed=True)
+        # Kept out of state_dict on purpose: a rollback restores the callback's state, and
+        # trouble that returns after every rollback from the same step is not in the data (a
+        # deferral would only move the next batches up, and roll back again, forever).
+        self.rollbacks_from[first_bad] = self.rollbacks_from.get(first_bad, 0) + 1
+        if self.rollbacks_from[first_bad] > MAX_ROLLBACKS_FROM_ONE_STEP:
+            return Decision(stop=f"loss spikes from step {first_bad} came back after "
+                                 f"{MAX_ROLLBACKS_FROM_ONE_STEP} rollbacks: {message}; not a "
+                                 "data problem a skip or deferral fixes", failed=True)
         self.escalation = (step, message)
         return Decision(rollback=RollbackRequest(first_bad, f"loss spikes: {message}"))
 
