@@ -7,6 +7,7 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
 from dist import run_single
 from probes import token_hash
 
@@ -89,6 +90,7 @@ def _export_text(run_dir: Path, *args: str) -> list[str]:
     return out.read_text().splitlines()
 
 
+@pytest.mark.slow  # two training jobs; tests/test_data_continuation.py covers it without training
 def test_a_new_mix_on_resume_continues_every_source(tiny_cfg, tmp_path):
     """Job 1 trains steps 1-6 with one mix; job 2 resumes with alpha weighted 3x. The history
     records both; no sample of any source is read twice and the export matches the reads."""
