@@ -69,8 +69,7 @@ def demo_train_dataset(seq: int, samples: int, cache: Path):
 def sample_spans(blended, index: int) -> tuple[object, list[tuple[int, int, int]]]:
     """(IndexedDataset, [(document, offset, length)]) that sample ``index`` is made of,
     resolved with the dataset's own indices as ``GPTDataset`` does, but without reading."""
-    gpt = blended.datasets[int(blended.dataset_index[index])]
-    sample = int(blended.dataset_sample_index[index])
+    gpt, sample = blended.locate(index)  # the source's epoch (GPTDataset) and its sample
     if gpt.shuffle_index is None:
         gpt[0]  # loads the lazily memory-mapped indices
     i = gpt.shuffle_index[sample]

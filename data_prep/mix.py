@@ -35,6 +35,7 @@ class SourceShare:
     share: float  # blend weight, sums to 1 over the mix
     prefixes: list[str] = field(default_factory=list)  # its datasets (one unless sharded)
     prefix_tokens: list[int] = field(default_factory=list)  # tokens of each prefix
+    subset: list[float] | None = None  # the slice [a, b) of its documents it reads
 
     def prefix_weights(self) -> list[float]:
         """Each prefix's part of this source, by its tokens (equal parts if none counted)."""
@@ -48,11 +49,28 @@ class SourceShare:
         return self.share * stage_tokens / self.tokens if self.tokens else 0.0
 
 
-def count_tokens(prefix: str) -> int:
-    """Tokens in a Megatron dataset, from its ``.idx`` alone (no ``.bin`` read or needed)."""
+def count_tokens(prefix: str, subset: list[float] | None = None) -> int:
+    """Tokens in a Megatron dataset, from its ``.idx`` alone (no ``.bin`` read or needed);
+    with ``subset: [a, b]`` those of its documents ``[round(a n), round(b n))``."""
     from megatron_patches.datasets import count_tokens as _count
+    from megatron_patches.datasets import document_count
 
-    return _count(prefix)
+    if subset is None:
+        return _count(prefix)
+    n = document_count(prefix)
+    return _count(prefix, (int(round(subset[0] * n)), int(round(subset[1] * n))))
+
+
+def check_subset(src) -> list[float] | None:
+    """A source's ``subset`` as ``[a, b]`` with ``0 <= a < b <= 1`` (a one-line error if not)."""
+    subset = _get(src, "subset")
+    if subset is None:
+        return None
+    values = [float(v) for v in subset]
+    if len(values) != 2 or not 0.0 <= values[0] < values[1] <= 1.0:
+        raise ValueError(f"source '{_get(src, 'name', '?')}': subset={values}: expected [a, b] "
+                         "with 0 <= a < b <= 1")
+    return values
 
 
 def _get(src, key: str, default=None):
@@ -78,12 +96,13 @@ def source_prefixes(src) -> list[str]:
 def _source_tokens(src) -> tuple[int, list[str], list[int]]:
     """(tokens, prefixes, tokens per prefix): counted from the ``.idx`` files when they all
     exist, else the published ``tokens`` (before the data is downloaded)."""
-    prefixes = source_prefixes(src)
+    prefixes, subset = source_prefixes(src), check_subset(src)
     if prefixes and all(Path(p + ".idx").is_file() for p in prefixes):
-        counts = [count_tokens(p) for p in prefixes]
+        counts = [count_tokens(p, subset) for p in prefixes]
         return sum(counts), prefixes, counts
     if _get(src, "tokens") is not None:
-        return int(_get(src, "tokens")), prefixes, []
+        fraction = subset[1] - subset[0] if subset else 1.0
+        return int(int(_get(src, "tokens")) * fraction), prefixes, []
     shown = [p for p in prefixes if not Path(p + ".idx").is_file()][:3] or [
         str(p) for p in [_get(src, "path", "")] + list(_get(src, "paths", []) or []) if p]
     what = f"no index at {shown[0]}.idx" if prefixes else f"{', '.join(shown)} matches no .idx"
@@ -122,6 +141,7 @@ def compute_mix(sources: list, stage_tokens: int | None = None) -> list[SourceSh
             effective_tokens=eff if stage_tokens is None else eff / total * stage_tokens,
             prefixes=prefixes or [str(_get(src, "path", ""))],
             prefix_tokens=counts,
+            subset=check_subset(src),
         )
         for src, tokens, mult, eff, prefixes, counts in rows
     ]

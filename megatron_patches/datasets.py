@@ -11,10 +11,12 @@ import warnings
 from dataclasses import replace
 from types import ModuleType
 
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-__all__ = ["GPTDataset", "GPTDatasetConfig", "build_split", "build_held_out",
+__all__ = ["BlendedDataset", "GPTDataset", "GPTDatasetConfig", "build_split", "build_held_out",
+           "build_epoch", "build_blend", "document_count", "train_documents",
            "indexed_dataset_module", "count_tokens", "read_tokens"]
 
 
@@ -26,13 +28,33 @@ def indexed_dataset_module() -> ModuleType:
     return indexed_dataset
 
 
-def count_tokens(prefix: str) -> int:
-    """Tokens in a Megatron dataset, from its ``.idx`` alone (no ``.bin`` read or needed)."""
+def count_tokens(prefix: str, documents: tuple[int, int] | None = None) -> int:
+    """Tokens in a Megatron dataset (or in its documents ``[begin, end)``), from its ``.idx``
+    alone (no ``.bin`` read or needed)."""
     index = indexed_dataset_module()._IndexReader(prefix + ".idx", multimodal=False)
     try:
-        return int(index.sequence_lengths.sum(dtype="int64"))
+        lengths = index.sequence_lengths
+        if documents is not None:
+            lengths = lengths[documents[0]:documents[1]]
+        return int(lengths.sum(dtype="int64"))
     finally:
         del index
+
+
+def document_count(prefix: str) -> int:
+    """Documents (sequences, as GPTDataset splits them) in ``prefix``, from its ``.idx``."""
+    index = indexed_dataset_module()._IndexReader(prefix + ".idx", multimodal=False)
+    try:
+        return int(index.sequence_lengths.shape[0])
+    finally:
+        del index
+
+
+def train_documents(config: GPTDatasetConfig, num_documents: int) -> tuple[int, int]:
+    """The documents ``[begin, end)`` that ``config.split`` gives the train split of a prefix
+    of ``num_documents`` documents, rounded as ``BlendedMegatronDatasetBuilder`` rounds."""
+    begin, end = config.split_matrix[0] or (0.0, 0.0)
+    return int(round(begin * num_documents)), int(round(end * num_documents))
 
 
 def read_tokens(prefix: str):
@@ -59,3 +81,28 @@ def build_held_out(config: GPTDatasetConfig, prefix: str | list[str], valid_samp
     _, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [0, valid_samples, 0], lambda: True, single).build()
     return valid
+
+
+def build_epoch(config: GPTDatasetConfig, prefix: str, documents: tuple[int, int],
+                num_documents: int, seed: int) -> GPTDataset:
+    """One epoch over documents ``[begin, end)`` of ``prefix``: Megatron's GPTDataset with
+    ``num_samples=None`` (each document once, packed into samples of ``sequence_length``),
+    documents and samples shuffled with ``seed``. Built through the builder, so rank 0 writes
+    the index into ``path_to_cache`` first and the other ranks load it; the documents enter the
+    cache key through the split matrix."""
+    single = replace(config, blend=([prefix], None), random_seed=seed)
+    begin, end = documents
+    single.split_matrix = [(begin / num_documents, end / num_documents), None, None]
+    train, _, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [None, None, None], lambda: True, single).build()
+    return train
+
+
+def build_blend(datasets: list, weights: list[float], size: int,
+                config: GPTDatasetConfig) -> BlendedDataset:
+    """Megatron's BlendedDataset of ``size`` samples over ``datasets`` (anything with
+    ``__len__``, ``__getitem__``, ``index_split`` and ``unique_identifiers``) in proportion to
+    ``weights``: its greedy blending index (the same sequence for every ``size``, so a blend is
+    a prefix of any longer one) and cache, built on rank 0 first."""
+    return BlendedMegatronDatasetBuilder.build_generic_dataset(
+        BlendedDataset, lambda: True, True, datasets, weights, size, config)

@@ -31,17 +31,23 @@ register_configs()
 def prebuild(cfg: RunConfig) -> dict[str, dict]:
     """Build (or verify) the cached datasets of every stage; returns sample counts per stage."""
     from megatron_patches.parallel import single_process_group
-    from orchestration.data.datasets import check_sources_exist, prepare_data, stage_datasets
+    from orchestration.data.datasets import (
+        check_sources_exist,
+        prepare_data,
+        run_streams,
+        stage_datasets,
+    )
     from orchestration.loop.stages import plan_stages
 
     validate(cfg)
     single_process_group()
     built = {}
-    for stage in plan_stages(cfg):
+    stages, streams = plan_stages(cfg), run_streams(cfg)
+    for stage in stages:
         prepare_data(stage.data, is_main=True)
         check_sources_exist(stage.data)
         t0 = time.perf_counter()
-        datasets = stage_datasets(cfg, stage)
+        datasets = stage_datasets(cfg, stage, stages, streams)
         built[stage.name] = {
             "train_samples": len(datasets.train),
             "valid_samples": len(datasets.valid) if datasets.valid is not None else 0,

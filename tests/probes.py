@@ -41,3 +41,35 @@ class GradientProbe(Callback):
     def on_fit_end(self, trainer) -> None:
         path = Path(trainer.run_dir) / f"gradient_probe.{dist.get_rank()}.json"
         path.write_text(json.dumps(self.rows))
+
+
+class DataProbe(Callback):
+    """After each step: the stage and batch it read and a hash of each sample's tokens, read
+    from the trainer's own datasets; the last record of a step wins (a rolled-back step runs
+    again). Rank 0 writes ``data_probe.json``."""
+
+    name = "data_probe"
+
+    def __init__(self) -> None:
+        self.rows: dict[int, dict] = {}
+
+    def after_step(self, trainer, result) -> None:
+        data = trainer.train_data(result.data_stage)
+        indices = trainer.layout.global_indices(result.batch)
+        self.rows[result.step] = {
+            "step": result.step, "data_stage": result.data_stage.name, "batch": result.batch,
+            "skipped": result.skip_reason, "loss": result.loss,
+            "tokens": [token_hash(data[int(i)]["tokens"]) for i in indices]}
+
+    def on_fit_end(self, trainer) -> None:
+        if dist.get_rank() == 0:
+            path = Path(trainer.run_dir) / "data_probe.json"
+            old = json.loads(path.read_text()) if path.exists() else {}
+            old.update({str(k): v for k, v in self.rows.items()})
+            path.write_text(json.dumps(old))
+
+
+def token_hash(tokens) -> str:
+    import hashlib
+
+    return hashlib.sha1(torch.as_tensor(tokens).to(torch.int64).numpy().tobytes()).hexdigest()

@@ -182,7 +182,7 @@ def test_sharded_source_trains_and_has_one_held_out_set(tmp_path, megatron_env):
     built = build_datasets(data, TokenizerInfo.from_sentencepiece(tiny_tokenizer()), 32, 1,
                            train_samples=64, valid_samples=16, cache_dir=tmp_path / "cache",
                            per_source=True)
-    assert {d.dataset_path for d in built.train.datasets} == {*shards, whole}
+    assert {s.key.prefix for s in built.train.streams} == {*shards, whole}
     held = built.valid_per_source["web"]
     assert {d.dataset_path for d in held.datasets} == set(shards) and len(held) >= 16
     assert set(built.valid_per_source) == {"web", "whole"}

@@ -21,8 +21,9 @@ def test_prebuild_writes_the_cache_training_reads(tiny_cfg, megatron_env):
     assert built["main"]["train_samples"] >= stage.steps * stage.global_batch_size
     assert built["main"]["per_source_held_out"] == sorted(s.name for s in tiny_cfg.data.sources)
     before = _cache_files(tiny_cfg.run_dir)
-    # Only the blend's sources get a train index: per-source held-out sets keep just the
-    # validation range of the split, so nothing is built for a train split nobody reads.
+    # Only the blend's sources get a train index (one epoch each here): per-source held-out sets
+    # keep just the validation range of the split, so nothing is built for a train split nobody
+    # reads.
     train_indices = [n for n in before if n.endswith("GPTDataset-train-document_index.npy")]
     assert len(train_indices) == len(tiny_cfg.data.sources)
 
@@ -41,11 +42,12 @@ def test_per_source_held_out_sets_hold_out_the_blends_documents(tiny_cfg, megatr
     from orchestration.loop.stages import plan_stages
 
     datasets = stage_datasets(tiny_cfg, plan_stages(tiny_cfg)[0])
-    train_parts = {d.dataset_path: d for d in datasets.train.datasets}
+    train_docs_of = {s.key.prefix: set(s.epoch(0).indices.tolist())
+                     for s in datasets.train.streams}
     valid_parts = {d.dataset_path: d for d in datasets.valid.datasets}
     for source in tiny_cfg.data.sources:
         held_out = datasets.valid_per_source[source.name]
-        train_docs = set(train_parts[source.path].indices.tolist())
+        train_docs = train_docs_of[source.path]
         held_docs = set(held_out.indices.tolist())
         assert held_docs and not held_docs & train_docs
         assert held_docs == set(valid_parts[source.path].indices.tolist())

@@ -96,7 +96,8 @@ def test_samples_per_source_follow_the_mix_weights(tiny_cfg, tmp_path, megatron_
     tokenizer = TokenizerInfo.from_sentencepiece(data.tokenizer_model)
     datasets = build_datasets(data, tokenizer, 64, seed=1, train_samples=2000, valid_samples=8,
                               cache_dir=tmp_path / "cache")
-    counts = np.bincount(np.asarray(datasets.train.dataset_index), minlength=2)
+    read = [source for source, _ in datasets.train.sources(range(len(datasets.train)))]
+    counts = np.array([read.count(s.name) for s in data.sources])
     from data_prep.mix import compute_mix
 
     shares = compute_mix([{"name": s.name, "path": s.path, "multiplier": s.multiplier}

@@ -3,6 +3,7 @@
 One step of the loop, with its hooks (``orchestration/loop/trainer.py``)::
 
     on_stage_start          the step begins a new stage (data for it is ready)
+    remap_position          which of the run's batches this step reads (deferred to the end)
     remap_batch             which of the stage's batches this step reads (reordering)
     before_step      -> Decision: skip without computing, scale the loss
       forward/backward (Megatron's schedule), then one all-reduce of [loss, count, stop]
@@ -84,6 +85,11 @@ class Callback:
 
     def on_stage_start(self, trainer: Trainer, stage: Stage) -> None: ...
 
+    def remap_position(self, trainer: Trainer, position: int) -> int:
+        """Map the run's 0-based batch position (``step - 1``) to the one to read; the stage
+        holding the result supplies the data (identity unless reordering across stages)."""
+        return position
+
     def remap_batch(self, trainer: Trainer, stage: Stage, batch: int) -> int:
         """Map the stage's batch position to the one to read (identity unless reordering)."""
         return batch
@@ -133,6 +139,11 @@ class CallbackList:
     def on_stage_start(self, trainer: Trainer, stage: Stage) -> None:
         for cb in self.callbacks:
             cb.on_stage_start(trainer, stage)
+
+    def remap_position(self, trainer: Trainer, position: int) -> int:
+        for cb in self.callbacks:
+            position = cb.remap_position(trainer, position)
+        return position
 
     def remap_batch(self, trainer: Trainer, stage: Stage, batch: int) -> int:
         for cb in self.callbacks:

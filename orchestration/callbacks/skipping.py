@@ -11,7 +11,9 @@ sample indices and their (source, sample) pairs, loss, grad norm, threshold and 
 file is a replay list: a rerun given it skips the same batches and so reproduces the run.
 Escalation (``spike.escalate_after`` skips within ``spike.escalate_within`` steps) stops the run,
 or rolls back to the newest checkpoint before the trouble and either skips the window of batches
-after it (as PaLM did) or defers that window to the end of the stage (as K2 did by hand).
+after it (as PaLM did) or defers that window: to the end of its stage
+(``spike.defer_to=stage_end``) or, as K2 did by hand, to the end of training (``training_end``:
+the stage's later batches move up and the window is read by the last steps of the run).
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from orchestration.common.files import write_jsonl_atomic
 from orchestration.config import RunConfig
 from orchestration.data.batches import source_of_samples
 from orchestration.loop.control import Decision, RollbackRequest
-from orchestration.loop.stages import Stage, stage_at
+from orchestration.loop.stages import Stage, stage_at, total_steps
 from orchestration.metrics.logger import MetricsLogger
 
 log = logging.getLogger(__name__)
 _INJECTIONS = {"nan": float("nan"), "spike": 1000.0}  # loss (and gradient) multipliers
 _NOT_COMPUTED = ("configured spike.skip_steps", "replayed skip list", "rolled-back window")
+MAX_ROLLBACKS_FROM_ONE_STEP = 3  # then the run stops (failed) instead of rolling back again
+RUN_SCOPE = -1  # the ``deferred`` key (and skip-log ``stage_index``) of windows deferred to the end
 
 
 class SkipBatchesCallback(Callback):
@@ -52,6 +56,7 @@ class SkipBatchesCallback(Callback):
         self.pending: dict[str, Any] = {}
         self.injected: set[int] = set()
         self.escalation: tuple[int, str] | None = None  # (step, message) of a rollback asked for
+        self.rollbacks_from: dict[int, int] = {}  # first bad step -> rollbacks (this process)
 
     @classmethod
     def from_config(cls, context, **options) -> SkipBatchesCallback:
@@ -68,7 +73,7 @@ class SkipBatchesCallback(Callback):
         for reason, steps in zip(_NOT_COMPUTED, (self.configured, self.replayed,
                                                  self.rollback_windows), strict=True):
             if step in steps:
-                self._log_skip(trainer, step, trainer.batch_for_step(step), reason,
+                self._log_skip(trainer, step, *trainer.batch_for_step(step), reason,
                                computed=False)
                 return Decision(skip=reason, loss_scale=scale)
         return Decision(loss_scale=scale) if scale is not None else None
@@ -86,26 +91,23 @@ class SkipBatchesCallback(Callback):
     def after_step(self, trainer, result) -> Decision | None:
         if result.skip_reason is None or not result.computed:
             return None
-        self._log_skip(trainer, result.step, result.batch, result.skip_reason, computed=True,
-                       loss=result.loss, grad_norm=result.grad_norm)
+        self._log_skip(trainer, result.step, result.data_stage, result.batch, result.skip_reason,
+                       computed=True, loss=result.loss, grad_norm=result.grad_norm)
         if self.detector.record_skip(result.step):
             return self._escalate(result.step)
         return None
 
-    def remap_batch(self, trainer, stage: Stage, batch: int) -> int:
-        """Deferred windows move to the end of their stage; the newest deferral goes last.
+    def remap_position(self, trainer, position: int) -> int:
+        """Windows deferred to the end of training: the run's batch positions, reordered."""
+        spans = self.deferred.get(RUN_SCOPE, [])
+        if spans and any(key != RUN_SCOPE for key in self.deferred):
+            raise ValueError("the deferrals mix spike.defer_to=stage_end and training_end (a "
+                             "skip log replayed under the other setting?); use one of them")
+        return defer(spans, total_steps(trainer.stages), position) if spans else position
 
-        Each deferral's span is in *positions* of the order the earlier deferrals had already
-        made, so the position is mapped through the newest deferral first, then back through the
-        older ones: the order before a deferral's start, which has trained, keeps its meaning.
-        """
-        for start, end in reversed(self.deferred.get(stage.index, [])):
-            width, steps = end - start, stage.steps
-            if batch >= steps - width:
-                batch = start + batch - (steps - width)
-            elif batch >= start:
-                batch += width
-        return batch
+    def remap_batch(self, trainer, stage: Stage, batch: int) -> int:
+        """Windows deferred to the end of their stage: the stage's batch positions, reordered."""
+        return defer(self.deferred.get(stage.index, []), stage.steps, batch)
 
     def on_rollback(self, trainer, from_step: int, to_step: int) -> None:
         if self.escalation is None:
@@ -114,10 +116,17 @@ class SkipBatchesCallback(Callback):
         self.escalation = None
         action = self.cfg.on_escalation
         stage = stage_at(trainer.stages, to_step + 1)
-        window = list(range(to_step + 1, min(step, stage.last_step) + 1))
+        to_end = action == "rollback_defer" and self.cfg.defer_to == "training_end"
+        last = step if to_end else min(step, stage.last_step)
+        window = list(range(to_step + 1, last + 1))
         self._rewrite(lambda e: e["step"] <= to_step, {"rolled_back": True})
         if action == "rollback_skip":
             self.rollback_windows.update(window)
+        elif to_end:  # in the run's positions (step - 1), which may span a stage boundary
+            span = [window[0] - 1, window[-1]]
+            self.deferred.setdefault(RUN_SCOPE, []).append(span)
+            self._append({"kind": "defer", "stage_index": RUN_SCOPE, "stage": "training",
+                          "batches": span, "step": step})
         else:
             span = [stage.batch_index(window[0]), stage.batch_index(window[-1]) + 1]
             self.deferred.setdefault(stage.index, []).append(span)
@@ -143,12 +152,14 @@ class SkipBatchesCallback(Callback):
             self._rewrite(lambda e: e.get("rolled_back") or e["step"] <= trainer.step, None)
 
     # ------------------------------------------------------------------ internals
-    def _log_skip(self, trainer, step: int, batch: int, reason: str, computed: bool,
-                  **values) -> None:
+    def _log_skip(self, trainer, step: int, data_stage: Stage, batch: int, reason: str,
+                  computed: bool, **values) -> None:
+        """``batch`` of ``data_stage`` (the step's own stage unless deferred to the end)."""
         indices = trainer.layout.global_indices(batch)
         entry = {"kind": "skip", "step": step, "stage": trainer.stage.name, "reason": reason,
-                 "computed": computed, "sample_indices": [int(indices[0]), int(indices[-1]) + 1],
-                 "sources": source_of_samples(trainer.data.train, indices),
+                 "computed": computed, "data_stage": data_stage.name, "batch": batch,
+                 "sample_indices": [int(indices[0]), int(indices[-1]) + 1],
+                 "sources": source_of_samples(trainer.train_data(data_stage), indices),
                  "threshold": self.pending.get("threshold"), **values}
         self._append(entry)
         self.logger.event("skip", step=step, reason=reason)
@@ -161,6 +172,14 @@ class SkipBatchesCallback(Callback):
         self.detector.recent_skips = []
         if action == "stop":
             return Decision(stop=f"loss spikes: {message}", failed=True)
+        # Kept out of state_dict on purpose: a rollback restores the callback's state, and
+        # trouble that returns after every rollback from the same step is not in the data (a
+        # deferral would only move the next batches up, and roll back again, forever).
+        self.rollbacks_from[first_bad] = self.rollbacks_from.get(first_bad, 0) + 1
+        if self.rollbacks_from[first_bad] > MAX_ROLLBACKS_FROM_ONE_STEP:
+            return Decision(stop=f"loss spikes from step {first_bad} came back after "
+                                 f"{MAX_ROLLBACKS_FROM_ONE_STEP} rollbacks: {message}; not a "
+                                 "data problem a skip or deferral fixes", failed=True)
         self.escalation = (step, message)
         return Decision(rollback=RollbackRequest(first_bad, f"loss spikes: {message}"))
 
@@ -181,6 +200,22 @@ class SkipBatchesCallback(Callback):
             elif mark is not None:
                 out.append({**entry, **mark})
         write_jsonl_atomic(self.path, out)
+
+
+def defer(spans: list[list[int]], steps: int, position: int) -> int:
+    """``position`` (of ``steps``) after the deferrals ``spans``; the newest deferral goes last.
+
+    Each deferral's span is in *positions* of the order the earlier deferrals had already made,
+    so the position is mapped through the newest deferral first, then back through the older
+    ones: the order before a deferral's start, which has trained, keeps its meaning.
+    """
+    for start, end in reversed(spans):
+        width = end - start
+        if position >= steps - width:
+            position = start + position - (steps - width)
+        elif position >= start:
+            position += width
+    return position
 
 
 def _read_replay(path: str | None) -> tuple[set[int], dict[int, list[list[int]]]]:

@@ -36,6 +36,14 @@ def to_run_config(cfg: DictConfig | dict | RunConfig) -> RunConfig:
     return OmegaConf.to_object(typed)  # type: ignore[return-value]
 
 
+def to_data_config(data: DataConfig | dict) -> DataConfig:
+    """A data mix from a plain dict (e.g. a recorded ``data_history`` entry), typed."""
+    if isinstance(data, DataConfig):
+        return data
+    typed = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create(data))
+    return OmegaConf.to_object(typed)  # type: ignore[return-value]
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A schema object as plain, resolved Python containers (for YAML/JSON and W&B)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

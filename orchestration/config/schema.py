@@ -94,13 +94,18 @@ class SourceConfig:
 
     ``path`` is one prefix or a glob (``web_text_document-shard-*``); ``paths`` lists several
     (prefixes or globs), e.g. the shards of a sharded tokenization. The source's tokens are
-    their sum, and its name, multiplier and held-out loss cover all of them."""
+    their sum, and its name, multiplier and held-out loss cover all of them.
+
+    ``subset: [a, b]`` trains on the slice ``[a, b)`` of the source's training documents (of
+    each of its prefixes), as Crystal gave each phase its own slice of a source
+    (``data_subset: 0.0-0.1``); held-out documents are not affected."""
 
     name: str = ""
     path: str = ""
     paths: list[str] = field(default_factory=list)
     multiplier: float = 1.0
     tokens: int | None = None
+    subset: list[float] | None = None
 
 
 @dataclass
@@ -150,6 +155,9 @@ class SpikeConfig:
     escalate_after: int = 5  # this many skips ...
     escalate_within: int = 100  # ... within this many steps escalates:
     on_escalation: str = "stop"  # stop | rollback_skip | rollback_defer | none
+    # rollback_defer moves the window to the end of its stage, or (as K2 did) of training;
+    # training_end needs every stage to have the same global batch and sequence length.
+    defer_to: str = "stage_end"  # stage_end | training_end
     skip_steps: list[str] = field(default_factory=list)  # "120", "300-340": never computed
     inject: dict[str, str] = field(default_factory=dict)  # {"150": "nan" | "spike"} for drills
 

@@ -26,7 +26,7 @@ def padded_vocab_size(model: ModelConfig, tensor_parallel: int) -> int:
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Fail fast, naming keys, on combinations the kernels or the parallel layout can't run."""
     errors = _model_errors(cfg.model, cfg.parallel) + _batch_errors(cfg, world_size)
-    errors += _choice_errors(cfg) + _checkpoint_errors(cfg)
+    errors += _choice_errors(cfg) + _checkpoint_errors(cfg) + _data_errors(cfg)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
@@ -37,6 +37,35 @@ def _checkpoint_errors(cfg: RunConfig) -> list[str]:
         return [f"checkpoint.keep_every={every} is not a multiple of checkpoint.save_interval="
                 f"{interval}: no saved checkpoint would be kept"]
     return []
+
+
+def subset_errors(sources: list, where: str) -> list[str]:
+    """``subset: [a, b]`` of each source must be a slice ``0 <= a < b <= 1``."""
+    errors = []
+    for i, source in enumerate(sources):
+        subset = getattr(source, "subset", None)
+        if subset is None:
+            continue
+        values = list(subset)
+        if len(values) != 2 or not 0.0 <= values[0] < values[1] <= 1.0:
+            errors.append(f"{where}.sources[{i}] ({source.name}).subset={values}: expected "
+                          "[a, b] with 0 <= a < b <= 1")
+    return errors
+
+
+def _data_errors(cfg: RunConfig) -> list[str]:
+    errors = subset_errors(cfg.data.sources, "data")
+    for i, stage in enumerate(cfg.stages):
+        if stage.data is not None:
+            errors += subset_errors(stage.data.sources, f"stages[{i}].data")
+    if cfg.spike.defer_to == "training_end" and cfg.stages:
+        shapes = {(s.global_batch_size or cfg.train.global_batch_size,
+                   s.seq_length or cfg.model.seq_length) for s in cfg.stages}
+        if len(shapes) > 1:
+            errors.append("spike.defer_to=training_end moves a stage's batches into the last "
+                          "stage, so every stage needs the same global_batch_size and "
+                          f"seq_length; the stages have (batch, seq) {sorted(shapes)}")
+    return errors
 
 
 def _model_errors(m: ModelConfig, p: ParallelConfig) -> list[str]:
@@ -96,6 +125,7 @@ _CHOICES = {
     "runtime.device": ("auto", "cuda", "cpu"),
     "spike.rule": ("zscore", "ema_ratio", "max_ratio"),
     "spike.on_escalation": ("stop", "rollback_skip", "rollback_defer", "none"),
+    "spike.defer_to": ("stage_end", "training_end"),
 }
 
 

@@ -50,8 +50,11 @@ def microbatches(dataset, layout: BatchLayout, batch: int) -> Iterator[dict[str,
         yield collate([dataset[int(i) % n] for i in row])
 
 
-def source_of_samples(dataset, indices: np.ndarray) -> list[tuple[int, int]]:
-    """(source id, sample id within source) for blended-dataset indices, for the skip log."""
+def source_of_samples(dataset, indices: np.ndarray) -> list[tuple]:
+    """(source, position in that source's stream) of a stage's sample indices, for the skip log
+    (``orchestration/data/streams.py``); (dataset id, sample) for a plain Megatron blend."""
+    if hasattr(dataset, "sources"):
+        return [list(pair) for pair in dataset.sources(indices)]
     if hasattr(dataset, "dataset_index"):
         n = len(dataset)
         return [(int(dataset.dataset_index[i % n]), int(dataset.dataset_sample_index[i % n]))

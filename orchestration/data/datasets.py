@@ -1,8 +1,10 @@
 """A stage's datasets: Megatron's blended GPT datasets over indexed ``.bin/.idx`` files.
 
-Blend weights come from ``data_prep.mix`` (tokens x multiplier per source). Indices are cached
-in ``run_dir/data_cache`` (shared with ``python -m orchestration.prebuild``), so every rank of
-every job loads the index rank 0 built once.
+Blend weights come from ``data_prep.mix`` (tokens x multiplier per source). Training samples
+come from per-source streams that continue across stages (``streams.py``); held-out sets are
+Megatron's valid split of each source. Indices are cached in ``run_dir/data_cache`` (shared
+with ``python -m orchestration.prebuild``), so every rank of every job loads the index rank 0
+built once.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_patches.datasets import GPTDataset, GPTDatasetConfig, build_held_out, build_split
+from megatron_patches.datasets import GPTDataset, build_held_out
 from orchestration.common.imports import import_object
 from orchestration.config import ConfigError, DataConfig, RunConfig
+from orchestration.data.streams import RunStreams, StageTrainData, gpt_config, plan_segments
 from orchestration.data.tokenizer import TokenizerInfo, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,51 +44,78 @@ def blend_of(data: DataConfig, shares: list | None = None) -> tuple[list[str], l
 
 @dataclass
 class StageDatasets:
-    train: GPTDataset
+    train: StageTrainData
     valid: GPTDataset | None
     valid_per_source: dict[str, GPTDataset] = field(default_factory=dict)
 
 
-def build_datasets(data: DataConfig, tokenizer: TokenizerInfo, seq_length: int, seed: int,
-                   train_samples: int, valid_samples: int, cache_dir: Path,
-                   per_source: bool = False) -> StageDatasets:
-    """Build (or load the cached index of) the blended train/valid datasets of one stage, and
-    with ``per_source`` each source's own held-out set (the same documents the blend holds out)."""
+def build_held_out_sets(data: DataConfig, tokenizer: TokenizerInfo, seq_length: int, seed: int,
+                        valid_samples: int, cache_dir: Path, per_source: bool = False
+                        ) -> tuple[GPTDataset | None, dict[str, GPTDataset]]:
+    """The blended held-out (valid) set of a mix and, with ``per_source``, each source's own
+    held-out set (the same documents the blend holds out). ``subset`` does not apply here: every
+    stage evaluates on the same held-out documents of a source."""
     shares = source_shares(data)
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend=blend_of(data, shares),
-        split=data.split,
-        path_to_cache=str(cache_dir),
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=data.eod_mask_loss,
-        create_attention_mask=False,
-        mid_level_dataset_surplus=0.005,
-        num_dataset_builder_threads=data.builder_threads,
-    )
-    train, valid, _ = build_split(config, [train_samples, valid_samples, 0])
-    if train is None:
-        raise ValueError(f"data '{data.name}': split '{data.split}' leaves no training data")
+    config = gpt_config(data, tokenizer, seq_length, seed, cache_dir, blend_of(data, shares))
+    if config.split_matrix[1] is None or valid_samples <= 0:
+        return None, {}
+    prefixes, weights = config.blend
+    valid = build_held_out(config, prefixes, valid_samples, weights)
     held_out = {}
     if per_source and len(data.sources) > 1 and valid is not None:
         for share in shares:  # a sharded source: one held-out set over all its shards
             held_out[share.name] = build_held_out(config, share.prefixes, valid_samples,
                                                   share.prefix_weights())
+    return valid, held_out
+
+
+def build_datasets(data: DataConfig, tokenizer: TokenizerInfo, seq_length: int, seed: int,
+                   train_samples: int, valid_samples: int, cache_dir: Path,
+                   per_source: bool = False) -> StageDatasets:
+    """One stage of ``train_samples`` reading ``data`` from the start of every source, with its
+    held-out sets (a single-stage run; :func:`stage_datasets` places a stage in its run)."""
+    from orchestration.loop.stages import Stage
+
+    gbs = 1
+    stage = Stage(0, "main", data, None, gbs, seq_length, train_samples, 0)
+    streams = RunStreams(seed, cache_dir, lambda _data: tokenizer)
+    train = StageTrainData(stage, streams.blends(plan_segments([stage], []), 0))
+    valid, held_out = build_held_out_sets(data, tokenizer, seq_length, seed, valid_samples,
+                                          cache_dir, per_source)
     return StageDatasets(train=train, valid=valid, valid_per_source=held_out)
 
 
-def stage_datasets(cfg: RunConfig, stage) -> StageDatasets:
+def run_streams(cfg: RunConfig) -> RunStreams:
+    """The streams of ``cfg``'s run (one per session; every stage reads through it)."""
+    return RunStreams(cfg.train.seed, Path(cfg.run_dir) / "data_cache",
+                      lambda data: load_tokenizer(cfg.model, data))
+
+
+def stage_train_data(stages: list, stage, streams: RunStreams,
+                     history: list[dict] | None = None) -> StageTrainData:
+    """The training samples of ``stage``: its segments, each source continuing where the
+    earlier segments of the run left it (orchestration/data/streams.py)."""
+    segments = plan_segments(stages, history or [])
+    last = max(i for i, seg in enumerate(segments) if seg.stage.index == stage.index)
+    blends = streams.blends(segments, last)
+    return StageTrainData(stage, [b for b in blends if b.segment.stage.index == stage.index])
+
+
+def stage_datasets(cfg: RunConfig, stage, stages: list | None = None,
+                   streams: RunStreams | None = None,
+                   history: list[dict] | None = None) -> StageDatasets:
     """A stage's datasets, cached in ``run_dir/data_cache`` (shared with orchestration.prebuild)."""
-    tokenizer = load_tokenizer(cfg.model, stage.data)
-    return build_datasets(
-        stage.data, tokenizer, stage.seq_length, seed=cfg.train.seed + stage.index,
-        train_samples=stage.steps * stage.global_batch_size,
+    from orchestration.loop.stages import plan_stages
+
+    stages = stages or plan_stages(cfg)
+    train = stage_train_data(stages, stage, streams or run_streams(cfg), history)
+    valid, held_out = build_held_out_sets(
+        stage.data, load_tokenizer(cfg.model, stage.data), stage.seq_length,
+        seed=cfg.train.seed + stage.index,
         # Every evaluation reads the same first eval_iters batches, so curves are comparable.
         valid_samples=max(cfg.train.eval_iters, 1) * stage.global_batch_size,
         cache_dir=Path(cfg.run_dir) / "data_cache", per_source=cfg.train.eval_per_source)
+    return StageDatasets(train=train, valid=valid, valid_per_source=held_out)
 
 
 def check_sources_exist(data: DataConfig) -> None:

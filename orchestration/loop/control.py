@@ -77,7 +77,7 @@ class StepResult:
 
     step: int
     stage: Stage
-    batch: int  # the stage's batch position it read (after any reordering)
+    batch: int  # the batch position it read (after any reordering) in ``batch_stage``
     loss: float
     grad_norm: float
     lr: float
@@ -86,3 +86,8 @@ class StepResult:
     computed: bool  # False when skipped before the forward pass
     step_time_s: float
     extra: dict = field(default_factory=dict)
+    batch_stage: Stage | None = None  # whose batch it read: ``stage`` unless deferred to the end
+
+    @property
+    def data_stage(self) -> Stage:
+        return self.batch_stage or self.stage

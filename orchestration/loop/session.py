@@ -14,6 +14,7 @@ from orchestration.data.datasets import (
     StageDatasets,
     check_sources_exist,
     prepare_data,
+    run_streams,
     stage_datasets,
 )
 from orchestration.loop.stages import Stage, plan_stages
@@ -31,17 +32,27 @@ class TrainingSession:
     model_chunks: list  # Megatron DDP-wrapped model chunks of this pipeline rank
     optimizer: object  # Megatron ChainedOptimizer
     stages: list[Stage]
-    _datasets: dict[int, StageDatasets] = field(default_factory=dict)
+    _datasets: dict[tuple, StageDatasets] = field(default_factory=dict)
+    _streams: object = None  # orchestration.data.streams.RunStreams, built on first use
 
     @property
     def model(self):
         """The first (and, without virtual pipeline stages, only) model chunk."""
         return self.model_chunks[0]
 
-    def datasets_for(self, stage: Stage) -> StageDatasets:
-        if stage.index not in self._datasets:
-            self._datasets[stage.index] = stage_datasets(self.cfg, stage)
-        return self._datasets[stage.index]
+    def datasets_for(self, stage: Stage, history: list[dict] | None = None) -> StageDatasets:
+        """The stage's datasets given the run's ``data_history`` (mix changes on resume):
+        collective on first use (every rank builds the same stage at the same step)."""
+        import json
+
+        if self._streams is None:
+            self._streams = run_streams(self.cfg)
+        past = [e for e in history or [] if e["stage"] <= stage.index]
+        key = (stage.index, json.dumps(past, sort_keys=True))
+        if key not in self._datasets:
+            self._datasets[key] = stage_datasets(self.cfg, stage, self.stages, self._streams,
+                                                 past)
+        return self._datasets[key]
 
 
 def build_session(cfg: RunConfig, info: DistInfo | None = None) -> TrainingSession:

@@ -33,7 +33,9 @@ from orchestration.checkpoint.layout import (
     shape_config,
 )
 from orchestration.cluster.heartbeat import Heartbeat, laggards
+from orchestration.common.files import write_json_atomic
 from orchestration.config import RunConfig, to_dict
+from orchestration.config.loading import to_data_config
 from orchestration.data.batches import BatchLayout, microbatches
 from orchestration.data.datasets import StageDatasets
 from orchestration.loop.control import Control, Decision, RollbackRequest, StepResult
@@ -58,6 +60,9 @@ class Trainer:
         self.stage: Stage | None = None
         self.data: StageDatasets | None = None
         self.layout: BatchLayout | None = None
+        # Which mix each stretch of each stage read: {"stage", "step", "data"}, one entry per
+        # stage entered and one per mix change on resume (orchestration/data/streams.py).
+        self.data_history: list[dict] = []
         self.last_loss = float("nan")
         self.last_val_loss = float("nan")
         self.forward_backward = ForwardBackward(session.model_chunks)
@@ -108,10 +113,20 @@ class Trainer:
         self._act_on_control()
         return result
 
-    def batch_for_step(self, step: int) -> int:
-        """The stage's batch position global step ``step`` reads: its own position, unless a
-        callback reorders the stage (a deferred window). ``step`` is in the current stage."""
-        return self.callbacks.remap_batch(self, self.stage, self.stage.batch_index(step))
+    def batch_for_step(self, step: int) -> tuple[Stage, int]:
+        """The stage whose data global step ``step`` reads and the batch position in it: the
+        step's own, unless a callback reorders the run (a window deferred to the end of
+        training, read by a later stage's step) or the stage (deferred to its end)."""
+        position = self.callbacks.remap_position(self, step - 1)
+        stage = stage_at(self.stages, position + 1)
+        return stage, self.callbacks.remap_batch(self, stage, stage.batch_index(position + 1))
+
+    def train_data(self, stage: Stage):
+        """The training samples of ``stage`` (the current one, or an earlier stage whose
+        deferred batches a later step reads)."""
+        if stage.index == self.stage.index:
+            return self.data.train
+        return self.session.datasets_for(stage, self.data_history).train
 
     def evaluate(self, iters: int, dataset=None) -> float:
         """Mean held-out loss over the first ``iters`` global batches of the valid split (or of
@@ -137,6 +152,7 @@ class Trainer:
         self.finalize_checkpoints(blocking=True)  # one background save at a time
         state = {"step": self.step, "consumed_tokens": consumed_tokens(self.stages, self.step),
                  "stage": self.stage.name if self.stage else None,
+                 "data_history": self.data_history,
                  "callbacks": self.callbacks.state_dict()}
         t0 = time.perf_counter()
         path = store.save(checkpoint_dir(self.run_dir), self.step, self.session.model,
@@ -172,6 +188,7 @@ class Trainer:
         if loaded is not None:
             path, state = loaded
             self.step = int(state["step"])
+            self.data_history = list(state.get("data_history", []))
             self.callbacks.load_state_dict(state.get("callbacks", {}))
             log.info("resumed from %s at step %d", path, self.step)
         elif self.cfg.checkpoint.load:
@@ -206,13 +223,37 @@ class Trainer:
         stage = stage_at(self.stages, step)
         if self.stage is not None and stage.index == self.stage.index:
             return
+        self._note_data(stage, step)
         self.stage = stage
-        self.data = self.session.datasets_for(stage)
+        self.data = self.session.datasets_for(stage, self.data_history)
         self.layout = BatchLayout(self.cfg.train.micro_batch_size, stage.global_batch_size,
                                   data_parallel_size(), data_parallel_rank())
         self.callbacks.on_stage_start(self, stage)
 
     # ----------------------------------------------------------------- internals
+    def _note_data(self, stage: Stage, step: int) -> None:
+        """Record the mix ``stage`` reads from ``step`` on: at the stage's first step, and again
+        when a resumed (or rolled-back) run's config gives the stage another mix. The past keeps
+        the mixes it was read with; each source continues after what they drew."""
+        from orchestration.data.streams import data_fingerprint
+
+        history = [e for e in self.data_history if e["step"] <= step]
+        mine = [e for e in history if e["stage"] == stage.index]
+        same = mine and data_fingerprint(to_data_config(mine[-1]["data"])) == \
+            data_fingerprint(stage.data)
+        if not same:
+            if mine and mine[-1]["step"] == step:
+                history.remove(mine.pop())
+            history.append({"stage": stage.index, "step": step if mine else stage.first_step,
+                            "data": to_dict(stage.data)})
+            if mine:
+                log.warning("stage '%s': the mix changes at step %d to '%s'; every source "
+                            "continues after what the earlier mix read", stage.name, step,
+                            stage.data.name)
+        self.data_history = history
+        if self.is_main:  # at stage entry only (and after a resume or rollback): rare, small
+            write_json_atomic(self.run_dir / "data_history.json", history)
+
     def _merge(self, decisions: list[Decision | None]) -> None:
         for decision in decisions:
             self.control.merge(decision)
@@ -237,6 +278,7 @@ class Trainer:
         # The callbacks' own state goes back too: a spike detector must not keep the losses of
         # the steps being undone in its history.
         self.callbacks.load_state_dict(state.get("callbacks", {}))
+        self.data_history = list(state.get("data_history", self.data_history))
         self.step = int(read_metadata(target)["step"])
         self.stage = None  # rebuild the stage's data view on the next step
         log.warning("rolled back from step %d to %s: %s", from_step, target, request.reason)
@@ -253,16 +295,17 @@ class Trainer:
         apply_lr(self.session.optimizer, lr, weight_decay_for_step(self.cfg, self.stages, step))
         _maybe_stall(self.cfg.runtime.fault_drill, step)
         self._merge(self.callbacks.before_step(self, step))
-        batch = self.batch_for_step(step)
+        data_stage, batch = self.batch_for_step(step)
         if self.control.skip is not None:  # skipped without computing: replay, configured
             return StepResult(step, stage, batch, float("nan"), float("nan"), lr, False,
-                              self.control.skip, False, time.perf_counter() - t0)
-        loss = self._forward_backward_loss(batch)
+                              self.control.skip, False, time.perf_counter() - t0,
+                              batch_stage=data_stage)
+        loss = self._forward_backward_loss(self.train_data(data_stage), batch)
         outcome = guarded_step(self.session.optimizer, lambda g: self._pre_optim(step, loss, g))
         reason = self.control.skip or (None if outcome.updated else "non-finite gradients")
         self.last_loss = loss
         return StepResult(step, stage, batch, loss, outcome.grad_norm, lr, outcome.updated,
-                          reason, True, time.perf_counter() - t0)
+                          reason, True, time.perf_counter() - t0, batch_stage=data_stage)
 
     def _pre_optim(self, step: int, loss: float, grad_norm: float) -> bool:
         """``guarded_step``'s veto: the callbacks' ``pre_optim_step`` decisions."""
@@ -270,10 +313,10 @@ class Trainer:
         self._merge(self.callbacks.pre_optim_step(self, grads))
         return self.control.skip is not None
 
-    def _forward_backward_loss(self, batch: int) -> float:
+    def _forward_backward_loss(self, dataset, batch: int) -> float:
         zero_grads(self.model_chunks, self.session.optimizer)
         self.heartbeat.beat(self.step + 1, "schedule")
-        total = self._loss_sum(batch, self.data.train, forward_only=False)
+        total = self._loss_sum(batch, dataset, forward_only=False)
         # The one collective (and host sync) per step: the global loss for the skip decision,
         # plus any rank's stop vote (SIGUSR1/SIGTERM), so that every rank stops together.
         vote = self.callbacks.poll_stop(self)
