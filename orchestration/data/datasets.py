@@ -82,7 +82,7 @@ def stage_datasets(cfg: RunConfig, stage) -> StageDatasets:
     tokenizer = load_tokenizer(cfg.model, stage.data)
     return build_datasets(
         stage.data, tokenizer, stage.seq_length, seed=cfg.train.seed + stage.index,
-        train_samples=stage.steps * stage.global_batch_size,
+        train_samples=stage.samples,  # with a batch-size ramp, fewer than steps x gbs
         # Every evaluation reads the same first eval_iters batches, so curves are comparable.
         valid_samples=max(cfg.train.eval_iters, 1) * stage.global_batch_size,
         cache_dir=Path(cfg.run_dir) / "data_cache", per_source=cfg.train.eval_per_source)

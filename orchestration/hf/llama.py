@@ -26,6 +26,8 @@ def check_llama_compatible(m: ModelConfig) -> None:
         "add_bias_linear": False,
         "position_embedding": "rope",
         "rotary_percent": 1.0,
+        # Llama has no per-head query/key norm (Qwen3's q_norm/k_norm would express it).
+        "qk_layernorm": False,
     }
     bad = [
         f"model.{k}={getattr(m, k)!r} (Llama needs {v!r})"
