@@ -12,7 +12,8 @@ contract, so the two are not combined (``build_gpt_model`` refuses).
 
 With tensor parallelism each rank holds a vocabulary slice of the logits: log Z is the
 log-sum-exp across the slices (the max all-reduced without gradient, the sum of exponentials
-with Megatron's differentiable all-reduce), so it is the same at every TP size.
+with Megatron's differentiable all-reduce), so it is the same at every TP size. It costs one
+more [s, b, vocab/TP] fp32 tensor (the exponentials, kept for the backward pass).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ZLossGPTModel(GPTModel):
 
     def compute_language_model_loss(self, labels: torch.Tensor,
                                     logits: torch.Tensor) -> torch.Tensor:
-        lm = super().compute_language_model_loss(labels, logits)  # [b, s]
+        # First: Megatron's unfused cross entropy shifts the fp32 logits in place.
         log_z = vocab_parallel_log_z(logits, self.pg_collection.tp)  # [s, b]
+        lm = super().compute_language_model_loss(labels, logits)  # [b, s]
         return torch.stack([lm.float(), log_z.transpose(0, 1).square()])
