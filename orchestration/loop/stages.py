@@ -68,9 +68,6 @@ class Stage:
         """Tokens of a full-size step (after any ramp-up)."""
         return self.global_batch_size * self.seq_length
 
-    def tokens_of_step(self, step: int) -> int:
-        return self.batch_size(self.batch_index(step)) * self.seq_length
-
     @property
     def samples(self) -> int:
         return self.first_sample(self.steps)
