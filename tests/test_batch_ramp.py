@@ -156,3 +156,28 @@ def test_a_run_stopped_mid_ramp_resumes_exactly(tiny_cfg, tmp_path):
     assert first["final_step"] == 3
     assert first["losses"] + second["losses"] == reference["losses"]
     assert read_probe(parts.run_dir) == read_probe(full.run_dir)
+
+
+@pytest.mark.slow  # a 1-rank and a 2-rank run
+@pytest.mark.distributed
+def test_ramp_at_data_parallel_2_reads_the_same_samples_and_losses(tiny_cfg, tmp_path):
+    """Each rank takes its micro-batch slices of every ramped batch (fewer micro-batches per
+    rank while the batch is small): together the ranks read what one rank reads alone, and the
+    losses match."""
+    from dist import run_distributed
+
+    one = copy.deepcopy(tiny_cfg)
+    one.run_dir, one.train.max_steps = str(tmp_path / "dp1"), 5
+    one.train.rampup_batch_size = [4, 4, 8]  # sizes 4, 4, 8, ...: multiples of mbs 2 x DP 2
+    one.callbacks = {"sample_probe:SampleProbe": {}}
+    two = copy.deepcopy(one)
+    two.run_dir = str(tmp_path / "dp2")
+    ref = run_single(one)
+    out = run_distributed(two, 2)
+    assert out["losses"] == pytest.approx(ref["losses"], abs=2e-4)
+    alone = read_probe(one.run_dir)
+    ranks = [read_probe(two.run_dir, rank) for rank in (0, 1)]
+    assert [r["batch_size"] for r in alone] == [4, 4, 8, 8, 8]
+    for step, row in enumerate(alone):
+        assert sorted(ranks[0][step]["rank"] + ranks[1][step]["rank"]) == row["global"]
+        assert ranks[0][step]["microbatches"] == row["microbatches"] // 2

@@ -77,13 +77,29 @@ def test_qk_layernorm_normalises_queries_and_keys_per_head(megatron_env):
         cfg.model.num_layers)
 
 
-def test_qk_layernorm_is_refused_by_the_llama_export():
-    from orchestration.config import ModelConfig
-    from orchestration.hf.llama import UnsupportedArchitecture, check_llama_compatible
+@pytest.mark.parametrize("mup", [False, True])
+def test_qk_layernorm_exports_as_qwen3_with_the_same_logits(megatron_env, corpus, tmp_path, mup):
+    """Qwen3ForCausalLM is Llama with per-head q/k RMSNorms before RoPE: the export of a
+    QK-norm checkpoint gives Megatron's logits (with muP, the query factor goes into q_norm)."""
+    from test_export import TOKENS, export_cfg, hf_logits, megatron_logits, randomize, write_record
 
-    with pytest.raises(UnsupportedArchitecture, match=r"model.qk_layernorm=True \(Llama needs "
-                                                      "False\\)"):
-        check_llama_compatible(ModelConfig(qk_layernorm=True))
+    from orchestration.checkpoint import layout as ckpt
+    from orchestration.checkpoint import store
+    from orchestration.export import export
+
+    cfg = export_cfg(corpus, tmp_path / "run")
+    cfg.model.qk_layernorm = True
+    if mup:
+        cfg.mup.enabled, cfg.mup.base_width, cfg.mup.attention_scale_power = True, 16, 1.0
+    model = build_gpt_model(cfg, build_megatron_configs(cfg, on_cpu=True))
+    randomize(model, seed=2)
+    write_record(cfg)
+    path = store.save(ckpt.checkpoint_dir(cfg.run_dir), 1, model, None, {"step": 1}, 0)
+    out = export(path, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
+    torch.testing.assert_close(hf_logits(out, TOKENS), megatron_logits(model, TOKENS),
+                               atol=1e-4, rtol=1e-4)
 
 
 def _metrics(run_dir: str) -> dict[int, dict]:

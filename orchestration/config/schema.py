@@ -40,7 +40,8 @@ class ModelConfig:
     rotary_percent: float = 1.0
     init_method_std: float = 0.02
     # Normalise queries and keys per head before RoPE (Megatron-Core's qk_layernorm, with the
-    # model's `normalization`), as OLMo 2 / Qwen3 / Gemma 3 do against attention-logit growth.
+    # model's `normalization`), as Qwen3 / Gemma 3 do against attention-logit growth. Exported
+    # to Hugging Face as Qwen3ForCausalLM.
     qk_layernorm: bool = False
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
