@@ -64,3 +64,19 @@ def test_decay_steps_are_independent_of_the_stage_length():
     o = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=10, decay_steps=100, decay_style="linear")
     assert lr_at(o, 35, 35) == pytest.approx(0.75)  # 25 of 100 decay steps done: not min_lr
     assert lr_at(o, 110, 35) == pytest.approx(0.0)
+
+
+def test_bad_schedules_fail_validation_naming_the_key():
+    from orchestration.config import ConfigError, RunConfig, StageConfig, validate
+
+    cfg = RunConfig()
+    cfg.stages = [StageConfig(name="a", max_steps=5, optim=OptimConfig(
+        decay_style="wsd", wsd_decay_fraction=1.5, wsd_decay_style="sqrt", decay_steps=0))]
+    cfg.optim.decay_style = "step"
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    for expected in ("optim.decay_style='step' is not one of",
+                     "stages[0].optim.wsd_decay_fraction=1.5 must be in (0, 1]",
+                     "stages[0].optim.wsd_decay_style='sqrt' is not one of",
+                     "stages[0].optim.decay_steps=0 must be positive"):
+        assert expected in str(err.value)
