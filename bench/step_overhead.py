@@ -145,7 +145,8 @@ def driver_parts(trainer, result, last_step: int, calls: int = 400) -> None:
         t.batch_for_step(step)
 
     def skip_reduce() -> None:  # trainer._forward_backward_loss after the schedule
-        total = torch.zeros(2, dtype=torch.float64, device=comm_device())
+        # [LM loss sum, tokens, z-loss sum] + the stop vote
+        total = torch.zeros(3, dtype=torch.float64, device=comm_device())
         flags = torch.tensor([0.0], dtype=total.dtype, device=total.device)
         total = torch.cat([total, flags])
         dist.all_reduce(total)

@@ -85,6 +85,7 @@ def _transformer_config(cfg: RunConfig, precision: str, on_cpu: bool) -> Transfo
         gated_linear_unit=swiglu,
         activation_func=F.silu if swiglu else F.gelu,
         init_method_std=m.init_method_std,
+        qk_layernorm=m.qk_layernorm,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         attention_softmax_in_fp32=True,

@@ -40,8 +40,12 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available()
 
 
-def llama_layer_spec(use_transformer_engine: bool | None = None) -> ModuleSpec:
-    """The decoder-layer spec: TE's fused spec when available (or asked for), else local."""
+def llama_layer_spec(use_transformer_engine: bool | None = None,
+                     qk_layernorm: bool = False) -> ModuleSpec:
+    """The decoder-layer spec: TE's fused spec when available (or asked for), else local.
+    ``qk_layernorm`` normalises queries and keys per head with the model's norm (the
+    TransformerConfig's ``qk_layernorm`` must be set too: Megatron then all-reduces their
+    gradients across tensor-parallel ranks)."""
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
@@ -51,12 +55,13 @@ def llama_layer_spec(use_transformer_engine: bool | None = None) -> ModuleSpec:
 
         # TE fuses the pre-attention/pre-MLP norm into the following linear layer and picks
         # RMSNorm vs LayerNorm from config.normalization.
-        return get_gpt_layer_with_transformer_engine_spec()
-    return local_llama_layer_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return local_llama_layer_spec(qk_layernorm)
 
 
-def local_llama_layer_spec() -> ModuleSpec:
+def local_llama_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
     """Megatron-Core-only modules: torch norms, tensor-parallel linears, unfused attention."""
+    qk_norm = WrappedTorchNorm if qk_layernorm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -68,8 +73,8 @@ def local_llama_layer_spec() -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=DotProductAttention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

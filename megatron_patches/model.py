@@ -16,9 +16,18 @@ from orchestration.config import RunConfig
 def build_gpt_model(cfg: RunConfig, mc: MegatronConfigs) -> GPTModel:
     """The unwrapped ``GPTModel`` for this rank's pipeline stage."""
     m = cfg.model
-    model = GPTModel(
+    model_class = GPTModel
+    if cfg.train.z_loss_coeff > 0:  # the loss output becomes [LM loss, log(Z)^2] per token
+        from megatron_patches.z_loss import ZLossGPTModel
+
+        if mc.transformer.mtp_num_layers:
+            raise ValueError("train.z_loss_coeff > 0 is not supported with multi-token "
+                             "prediction (mtp_num_layers)")
+        model_class = ZLossGPTModel
+    model = model_class(
         config=mc.transformer,
-        transformer_layer_spec=llama_layer_spec(None if not mc.on_cpu else False),
+        transformer_layer_spec=llama_layer_spec(None if not mc.on_cpu else False,
+                                                qk_layernorm=m.qk_layernorm),
         vocab_size=mc.padded_vocab_size,
         max_sequence_length=m.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

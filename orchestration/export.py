@@ -1,6 +1,7 @@
 """``python -m orchestration.export CKPT_DIR OUT_DIR [--run-config PATH] [--dtype float32]``
 
-Export a Megatron checkpoint to a Hugging Face ``LlamaForCausalLM`` folder: the weights are
+Export a Megatron checkpoint to a Hugging Face ``LlamaForCausalLM`` folder (``Qwen3ForCausalLM``
+for a model with ``model.qk_layernorm``, Llama with per-head query/key norms): the weights are
 loaded into a TP=1/PP=1 ``GPTModel`` in one CPU process (``orchestration.hf.offline``),
 renamed to Llama's layout with muP's multipliers folded in (``orchestration.hf.llama``), and
 written with ``config.json``, ``model.safetensors``, the tokenizer files

@@ -1,11 +1,13 @@
-"""When to save: every ``checkpoint.save_interval`` steps, at the last step, and after
-``train.exit_after_steps`` steps of this job (the loop also saves whenever it stops early)."""
+"""When to save: every ``checkpoint.save_interval`` steps, at the last step, at the last step of
+each stage (``checkpoint.save_stage_end``: the stage's release checkpoint, after its ramp-off;
+the trainer marks it ``release``), and after ``train.exit_after_steps`` steps of this job (the
+loop also saves whenever it stops early)."""
 
 from __future__ import annotations
 
 from orchestration.callbacks.base import Callback
 from orchestration.loop.control import Decision
-from orchestration.loop.stages import total_steps
+from orchestration.loop.stages import stage_at, total_steps
 
 
 class CheckpointCallback(Callback):
@@ -24,6 +26,8 @@ class CheckpointCallback(Callback):
         interval = cfg.checkpoint.save_interval
         due = interval > 0 and result.step % interval == 0
         final = result.step == total_steps(trainer.stages)
-        if due or final or stop:
+        stage_end = (cfg.checkpoint.save_stage_end
+                     and result.step == stage_at(trainer.stages, result.step).last_step)
+        if due or final or stage_end or stop:
             return Decision(save=True, stop=stop)
         return None

@@ -37,14 +37,16 @@ class MetricsCallback(Callback):
                           consumed_tokens=consumed_tokens(trainer.stages, trainer.step))
 
     def after_step(self, trainer, result) -> None:
-        tokens = result.stage.tokens_per_step
+        batch_size = result.stage.batch_size(result.batch)  # smaller during a ramp-up
+        tokens = batch_size * result.stage.seq_length
         tokens_per_s = tokens / result.step_time_s if result.step_time_s > 0 else float("nan")
         record = {
             "step": result.step, "stage": result.stage.name, "loss": result.loss,
             "grad_norm": result.grad_norm, "lr": result.lr, "tokens_per_s": tokens_per_s,
             "consumed_tokens": consumed_tokens(trainer.stages, result.step),
             "step_time_s": result.step_time_s, "flops_per_token": self.flops_per_token,
-            "skipped": result.skip_reason,
+            "skipped": result.skip_reason, "global_batch_size": batch_size,
+            **result.extra,
         }
         if self.peak_flops:
             record["mfu"] = mfu(tokens_per_s, self.flops_per_token, self.num_gpus,

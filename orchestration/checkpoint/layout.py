@@ -71,13 +71,22 @@ def config_differences(path: Path, current: dict[str, Any]) -> list[str]:
             for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
 
 
+def is_release(path: Path) -> bool:
+    """A release checkpoint (``release`` in its info, e.g. the end of a stage): never pruned."""
+    try:
+        return bool(read_metadata(path).get("release"))
+    except (OSError, ValueError):
+        return True  # unreadable info: keep it rather than guess
+
+
 def prune(root: Path, keep_last: int, keep_every: int = 0) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (0: keep every one), never
-    one whose step is a multiple of ``keep_every`` (the release checkpoints). Unloadable ones
-    are not candidates: they were moved to ``unloadable/`` and are not complete checkpoints."""
+    one whose step is a multiple of ``keep_every`` or that is marked ``release`` (the release
+    checkpoints). Unloadable ones are not candidates: they were moved to ``unloadable/`` and
+    are not complete checkpoints."""
     if keep_last <= 0:
         return
     for old in complete_checkpoints(root)[:-keep_last]:
-        if keep_every > 0 and step_of(old) % keep_every == 0:
+        if (keep_every > 0 and step_of(old) % keep_every == 0) or is_release(old):
             continue
         shutil.rmtree(old, ignore_errors=True)

@@ -55,9 +55,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int,
          saver: AsyncSaver | None = None, config: dict | None = None,
-         keep_every: int = 0) -> Path:
+         keep_every: int = 0, release: str | None = None) -> Path:
     """Write ``step_<step>`` atomically on all ranks; prune to the newest ``keep_last`` plus
-    the multiples of ``keep_every``.
+    the multiples of ``keep_every`` and the releases. ``release`` (e.g. ``end of stage X``)
+    marks this checkpoint as one, in its ``checkpoint_info.json``.
 
     With ``saver`` the shards are written in the background and ``step_<step>`` appears when
     ``saver.finalize`` finds every rank's writer done; without it this returns once the
@@ -74,7 +75,7 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
         tmp.mkdir(parents=True)
     dist.barrier()
     publish = functools.partial(_publish, root, step, (keep_last, keep_every), with_optimizer,
-                                time.time(), config or {})
+                                time.time(), config or {}, release)
     expected = _previous_size(root)
     if rank == 0:
         disk_space.warn_if_short(root, expected)
@@ -101,7 +102,7 @@ def _previous_size(root: Path) -> int:
 
 
 def _publish(root: Path, step: int, keep: tuple[int, int], with_optimizer: bool, t0: float,
-             config: dict) -> None:
+             config: dict, release: str | None = None) -> None:
     """On all ranks once every shard is written: marker, rename ``*.tmp`` -> final, prune."""
     final, tmp = step_dir(root, step), step_dir(root, step).with_suffix(".tmp")
     dist.barrier()
@@ -109,6 +110,8 @@ def _publish(root: Path, step: int, keep: tuple[int, int], with_optimizer: bool,
         meta = {"step": step, "layout": layout(), "time": time.time(),
                 "has_optimizer": with_optimizer, "save_seconds": round(time.time() - t0, 3),
                 "config": config}
+        if release:
+            meta["release"] = release
         write_json_atomic(tmp / INFO_FILE, meta)
         if final.exists():  # a re-save of the same step (e.g. after a rollback)
             shutil.rmtree(final)

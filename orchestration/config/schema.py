@@ -39,6 +39,10 @@ class ModelConfig:
     rotary_base: int = 10000
     rotary_percent: float = 1.0
     init_method_std: float = 0.02
+    # Normalise queries and keys per head before RoPE (Megatron-Core's qk_layernorm, with the
+    # model's `normalization`), as Qwen3 / Gemma 3 do against attention-logit growth. Exported
+    # to Hugging Face as Qwen3ForCausalLM.
+    qk_layernorm: bool = False
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
 
@@ -84,8 +88,16 @@ class OptimConfig:
     clip_grad: float = 1.0
     warmup_steps: int = 30
     decay_style: str = "cosine"  # cosine | linear | constant | wsd
-    decay_steps: int | None = None  # default: the stage's steps minus warmup
+    # Steps of decay after the warmup (default: the rest of the stage, or of the run with
+    # lr_schedule=global). Independent of the stage's length: a stage that ends before its decay
+    # does stops part-way down (Crystal's phase 1: 294,337 decay steps, stopped at 79,721).
+    decay_steps: int | None = None
     init_lr: float = 0.0  # LR at step 0 of warmup
+    # wsd (warmup-stable-decay): the last `wsd_decay_fraction` of the decay window anneals from
+    # lr to min_lr in the shape `wsd_decay_style`, Megatron's names: linear | cosine |
+    # exponential | minus_sqrt (1 - sqrt, Hagele et al. 2024).
+    wsd_decay_fraction: float = 0.2
+    wsd_decay_style: str = "linear"
 
 
 @dataclass
@@ -135,6 +147,9 @@ class StageConfig:
     optim: OptimConfig | None = None  # with lr_schedule=per_stage: this stage's own schedule
     ramp_off_steps: int = 0  # linearly bring the LR down over the stage's last N steps ...
     ramp_off_lr: float | None = None  # ... to this value (default: the schedule's min_lr)
+    # [start, increment, ramp_samples]: Megatron's --rampup-batch-size over this stage's first
+    # samples (orchestration/data/ramp.py). Unset: the first stage takes train.rampup_batch_size.
+    rampup_batch_size: list[int] | None = None
 
 
 @dataclass
@@ -166,8 +181,16 @@ class SpikeConfig:
 class TrainConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 16
+    # [start, increment, ramp_samples] as Megatron-LM's --rampup-batch-size: the global batch
+    # grows from `start` by `increment` over the first `ramp_samples` samples of the run (its
+    # first stage). Empty: no ramp-up.
+    rampup_batch_size: list[int] = field(default_factory=list)
     max_steps: int = 300  # length of a run without `stages` (each stage sets its own)
     seed: int = 1234
+    # PaLM's z-loss (Chowdhery et al. 2022, sec. 5): adds coeff * log(Z)^2 per token, Z the
+    # softmax normaliser of the output logits, to keep log Z near 0 (PaLM: 1e-4). 0: off.
+    # Logged as `z_loss` (the mean log(Z)^2, before the coefficient); `loss` stays the LM loss.
+    z_loss_coeff: float = 0.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     log_interval: int = 10
     eval_interval: int = 100
@@ -191,6 +214,9 @@ class CheckpointConfig:
     load: str | None = None  # start from this checkpoint when the run dir has none
     load_optimizer: bool = True  # with `load`: also restore optimizer state (not just weights)
     save_initial: bool = False  # also save step 0 (the initial weights), as LLM360 releases do
+    # Save at the last step of every stage (after its ramp-off): the stage's release
+    # checkpoint, marked `release` in its checkpoint_info.json and never pruned.
+    save_stage_end: bool = True
     # Megatron-Core 0.16 can reshard distributed-optimizer state across DP but not TP/PP. On a
     # TP/PP change the weights always load; Adam's moments restart only if this is true.
     reset_optimizer_on_reshard: bool = False

@@ -6,7 +6,7 @@ so a job fails on the login node, not minutes into a GPU allocation.
 
 from __future__ import annotations
 
-from orchestration.config.schema import ModelConfig, ParallelConfig, RunConfig
+from orchestration.config.schema import ModelConfig, OptimConfig, ParallelConfig, RunConfig
 
 
 class ConfigError(ValueError):
@@ -27,6 +27,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Fail fast, naming keys, on combinations the kernels or the parallel layout can't run."""
     errors = _model_errors(cfg.model, cfg.parallel) + _batch_errors(cfg, world_size)
     errors += _choice_errors(cfg) + _checkpoint_errors(cfg) + _data_errors(cfg)
+    errors += _schedule_errors(cfg)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
@@ -65,6 +66,11 @@ def _data_errors(cfg: RunConfig) -> list[str]:
             errors.append("spike.defer_to=training_end moves a stage's batches into the last "
                           "stage, so every stage needs the same global_batch_size and "
                           f"seq_length; the stages have (batch, seq) {sorted(shapes)}")
+    ramped = cfg.train.rampup_batch_size or any(s.rampup_batch_size for s in cfg.stages)
+    if cfg.spike.defer_to == "training_end" and ramped:
+        errors.append("spike.defer_to=training_end moves batches across stages, which a "
+                      "batch-size ramp (train/stages rampup_batch_size) makes of different "
+                      "sizes; use spike.defer_to=stage_end with a ramp")
     return errors
 
 
@@ -107,6 +113,8 @@ def _batch_errors(cfg: RunConfig, world_size: int | None) -> list[str]:
     batches = [("train.global_batch_size", cfg.train.global_batch_size)]
     batches += [(f"stages[{i}].global_batch_size", s.global_batch_size)
                 for i, s in enumerate(cfg.stages) if s.global_batch_size]
+    for key, ramp, _ in _ramps(cfg):  # every size of a ramp is start + k x increment
+        batches += [(f"{key}[0] (start)", ramp[0]), (f"{key}[1] (increment)", ramp[1])]
     for key, gbs in batches:
         if gbs % (cfg.train.micro_batch_size * dp):
             errors.append(f"{key}={gbs} is not divisible by train.micro_batch_size="
@@ -114,12 +122,60 @@ def _batch_errors(cfg: RunConfig, world_size: int | None) -> list[str]:
     return errors
 
 
+def _ramps(cfg: RunConfig) -> list[tuple[str, list[int], int]]:
+    """(key, [start, increment, samples], the stage's global batch) of each batch-size ramp
+    (``loop/stages.py: plan_stages`` gives train.rampup_batch_size to the first stage)."""
+    gbs = cfg.train.global_batch_size
+    ramps = [(f"stages[{i}].rampup_batch_size", list(s.rampup_batch_size),
+              s.global_batch_size or gbs)
+             for i, s in enumerate(cfg.stages) if s.rampup_batch_size]
+    first_own = bool(cfg.stages) and cfg.stages[0].rampup_batch_size is not None
+    if cfg.train.rampup_batch_size and not first_own:
+        first_gbs = (cfg.stages[0].global_batch_size if cfg.stages else None) or gbs
+        ramps.insert(0, ("train.rampup_batch_size", list(cfg.train.rampup_batch_size),
+                         first_gbs))
+    return ramps
+
+
+def _schedule_errors(cfg: RunConfig) -> list[str]:
+    """LR schedules (the run's and each stage's), batch-size ramps and the z-loss."""
+    from orchestration.data.ramp import ramp_problem
+
+    optims = [("optim", cfg.optim)] + [(f"stages[{i}].optim", s.optim)
+                                       for i, s in enumerate(cfg.stages) if s.optim]
+    errors = [e for key, optim in optims for e in _optim_errors(key, optim)]
+    for key, ramp, gbs in _ramps(cfg):
+        problem = ramp_problem(ramp, gbs)
+        if problem:
+            errors.append(f"{key}={ramp}: {problem}")
+    if cfg.train.z_loss_coeff < 0:
+        errors.append(f"train.z_loss_coeff={cfg.train.z_loss_coeff} must be >= 0")
+    return errors
+
+
+def _optim_errors(key: str, optim: OptimConfig) -> list[str]:
+    errors = []
+    if optim.decay_style not in _DECAY_STYLES:
+        errors.append(f"{key}.decay_style={optim.decay_style!r} is not one of {_DECAY_STYLES}")
+    if optim.decay_steps is not None and optim.decay_steps <= 0:
+        errors.append(f"{key}.decay_steps={optim.decay_steps} must be positive (or unset)")
+    if not 0.0 < optim.wsd_decay_fraction <= 1.0:
+        errors.append(f"{key}.wsd_decay_fraction={optim.wsd_decay_fraction} must be in (0, 1]")
+    if optim.wsd_decay_style not in _WSD_STYLES:
+        errors.append(f"{key}.wsd_decay_style={optim.wsd_decay_style!r} is not one of "
+                      f"{_WSD_STYLES}")
+    return errors
+
+
+_DECAY_STYLES = ("cosine", "linear", "constant", "wsd")
+_WSD_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")  # Megatron's lr_wsd_decay_style
+
+
 _CHOICES = {
     "model.normalization": ("RMSNorm", "LayerNorm"),
     "model.activation": ("swiglu", "gelu"),
     "model.position_embedding": ("rope", "learned_absolute"),
     "parallel.recompute": ("none", "selective", "full"),
-    "optim.decay_style": ("cosine", "linear", "constant", "wsd"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "runtime.device": ("auto", "cuda", "cpu"),

@@ -4,7 +4,8 @@ Batches are addressed by *global sample index*: batch ``b`` of a stage reads sam
 ``[b * global_batch, (b + 1) * global_batch)`` of that stage's blended dataset, and
 data-parallel rank ``r`` takes micro-batch slice ``k * mbs * dp + r * mbs``. The global batch is
 therefore the same at every DP size, resuming needs nothing but the step number, and a skipped
-batch is identified by its sample indices.
+batch is identified by its sample indices. With a batch-size ramp-up (``data/ramp.py``) batch
+``b`` reads ``[ramp.first_sample(b), + ramp.size(b))`` with fewer micro-batches.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from orchestration.data.ramp import BatchRamp
+
 
 @dataclass
 class BatchLayout:
@@ -22,20 +25,33 @@ class BatchLayout:
     global_batch_size: int
     dp_size: int
     dp_rank: int
+    ramp: BatchRamp | None = None  # training batches only; evaluation reads full batches
 
     @property
     def num_microbatches(self) -> int:
+        """Micro-batches per rank of a full-size batch."""
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def batch_size(self, batch: int) -> int:
+        return self.ramp.size(batch) if self.ramp else self.global_batch_size
+
+    def first_sample(self, batch: int) -> int:
+        return self.ramp.first_sample(batch) if self.ramp else batch * self.global_batch_size
+
+    def microbatches_in(self, batch: int) -> int:
+        """Micro-batches per rank of ``batch`` (fewer during a ramp-up)."""
+        return self.batch_size(batch) // (self.micro_batch_size * self.dp_size)
 
     def sample_indices(self, batch: int) -> np.ndarray:
         """This rank's sample indices for ``batch``, shaped [num_microbatches, micro_batch]."""
         mbs, dp = self.micro_batch_size, self.dp_size
-        base = batch * self.global_batch_size
-        rows = base + np.arange(self.num_microbatches)[:, None] * mbs * dp + self.dp_rank * mbs
-        return rows + np.arange(mbs)[None, :]
+        base = self.first_sample(batch)
+        rows = base + np.arange(self.microbatches_in(batch))[:, None] * mbs * dp
+        return rows + self.dp_rank * mbs + np.arange(mbs)[None, :]
 
     def global_indices(self, batch: int) -> np.ndarray:
-        return np.arange(batch * self.global_batch_size, (batch + 1) * self.global_batch_size)
+        start = self.first_sample(batch)
+        return np.arange(start, start + self.batch_size(batch))
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:

@@ -64,8 +64,8 @@ class StepData:
 
     @property
     def sample_range(self) -> tuple[int, int]:
-        gbs = self.data_stage.global_batch_size
-        return self.batch * gbs, (self.batch + 1) * gbs
+        first = self.data_stage.first_sample(self.batch)  # a batch-size ramp shrinks early ones
+        return first, first + self.data_stage.batch_size(self.batch)
 
 
 def step_order(stages: list[Stage], deferred: dict[int, list[list[int]]],

@@ -155,7 +155,9 @@ class Segment:
 
     @property
     def samples(self) -> int:
-        return self.batches * self.stage.global_batch_size
+        """The segment's samples (fewer than batches x gbs where a batch-size ramp is on)."""
+        first = self.stage.first_sample
+        return first(self.first_batch + self.batches) - first(self.first_batch)
 
     @property
     def first_step(self) -> int:
@@ -307,17 +309,17 @@ def _counts(dataset_index, size: int, chunk: int = 1 << 26) -> list[int]:
 class StageTrainData:
     """A stage's training samples: its segments' blends one after another (batch-aligned).
 
-    Sample ``i`` of the stage is in the segment holding batch ``i // global_batch_size``;
+    Sample ``i`` of the stage is in the segment holding the batch that holds it
+    (``Stage.first_sample``: ``b * global_batch_size`` without a batch-size ramp);
     ``sources`` and ``documents`` say where a sample came from.
     """
 
     def __init__(self, stage, parts: list[SegmentBlend]) -> None:
         self.stage, self.parts = stage, parts
-        gbs = stage.global_batch_size
-        self._starts = [p.segment.first_batch * gbs for p in parts]
+        self._starts = [stage.first_sample(p.segment.first_batch) for p in parts]
 
     def __len__(self) -> int:
-        return self.stage.steps * self.stage.global_batch_size
+        return self.stage.samples
 
     def _part(self, index: int) -> tuple[SegmentBlend, int]:
         if not 0 <= index < len(self):

@@ -1,5 +1,9 @@
 """Megatron-Core's GPTModel weights as Hugging Face ``LlamaForCausalLM`` weights, and back.
 
+A model with ``qk_layernorm`` is exported as ``Qwen3ForCausalLM``: Llama plus an RMSNorm over
+each head's queries and keys before RoPE (``q_norm``/``k_norm``), which is what Megatron-Core's
+``q_layernorm``/``k_layernorm`` compute.
+
 The conversion lives next to the model, as torchtitan's ``state_dict_adapter`` does: names,
 the fused QKV split per query group, SwiGLU's ``[gate; up]`` split, and muP's run-time
 multipliers folded into plain weights (a Llama forward has no muP).
@@ -61,14 +65,21 @@ def megatron_to_llama(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, 
         out[dst + "mlp.down_proj.weight"] = sd[src + "mlp.linear_fc2.weight"]
         out[dst + "input_layernorm.weight"] = sd[src + "input_layernorm.weight"]
         out[dst + "post_attention_layernorm.weight"] = sd[src + "pre_mlp_layernorm.weight"]
+        if m.qk_layernorm:  # Qwen3's per-head norms
+            out[dst + "self_attn.q_norm.weight"] = sd[src + "self_attention.q_layernorm.weight"]
+            out[dst + "self_attn.k_norm.weight"] = sd[src + "self_attention.k_layernorm.weight"]
     return out
 
 
 def llama_config(
     cfg: RunConfig, vocab: int, tied: bool, dtype: str, special: dict[str, int]
 ) -> dict:
-    """config.json contents (LlamaConfig's fields; read by transformers 4.45+ and 5)."""
+    """config.json contents (LlamaConfig's fields; read by transformers 4.45+ and 5), or
+    Qwen3Config's for a model with QK layernorm (transformers 4.51+)."""
     m = cfg.model
+    qwen3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+             "use_sliding_window": False, "sliding_window": None,
+             "max_window_layers": m.num_layers}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -91,6 +102,7 @@ def llama_config(
         "torch_dtype": dtype,
         "use_cache": True,
         **{f"{k}_token_id": v for k, v in special.items() if k in ("bos", "eos", "pad")},
+        **(qwen3 if m.qk_layernorm else {}),
     }
 
 
@@ -128,7 +140,10 @@ def fold_mup(weights: dict[str, torch.Tensor], f: MupFactors) -> dict[str, torch
     elif f.logits != f.embedding:
         out["lm_head.weight"] = embed * f.logits
     out["model.embed_tokens.weight"] = embed * f.embedding
+    # With a query norm (Qwen3) a scale on q_proj would be normalised away: scale the norm.
+    query = "self_attn.q_norm.weight" if any(n.endswith("self_attn.q_norm.weight")
+                                             for n in weights) else "self_attn.q_proj.weight"
     for name, tensor in weights.items():
-        if name.endswith("self_attn.q_proj.weight"):
+        if name.endswith(query):
             out[name] = tensor * f.query
     return out

@@ -11,6 +11,7 @@ Steps are 1-based (``orchestration/loop/stages.py``): ``self.step`` is the last 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -41,7 +42,13 @@ from orchestration.data.datasets import StageDatasets
 from orchestration.loop.control import Control, Decision, RollbackRequest, StepResult
 from orchestration.loop.lr import lr_for_step, weight_decay_for_step
 from orchestration.loop.session import TrainingSession
-from orchestration.loop.stages import Stage, consumed_tokens, stage_at, total_steps
+from orchestration.loop.stages import (
+    Stage,
+    consumed_samples,
+    consumed_tokens,
+    stage_at,
+    total_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +144,10 @@ class Trainer:
         for chunk in self.model_chunks:
             chunk.eval()
         total = torch.zeros(2, dtype=torch.float64, device=comm_device())
+        full = dataclasses.replace(self.layout, ramp=None)  # full-size batches, ramp or not
         with torch.no_grad():
             for i in range(iters):
-                total += self._loss_sum(i, target, forward_only=True)
+                total += self._loss_sum(i, target, forward_only=True, layout=full)[:2]
         for chunk in self.model_chunks:
             chunk.train()
         dist.all_reduce(total)
@@ -151,6 +159,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self.finalize_checkpoints(blocking=True)  # one background save at a time
         state = {"step": self.step, "consumed_tokens": consumed_tokens(self.stages, self.step),
+                 "consumed_samples": consumed_samples(self.stages, self.step),
                  "stage": self.stage.name if self.stage else None,
                  "data_history": self.data_history,
                  "callbacks": self.callbacks.state_dict()}
@@ -158,13 +167,21 @@ class Trainer:
         path = store.save(checkpoint_dir(self.run_dir), self.step, self.session.model,
                           self.session.optimizer, state, self.cfg.checkpoint.keep_last,
                           self.saver, shape_config(to_dict(self.cfg)),
-                          self.cfg.checkpoint.keep_every)
+                          self.cfg.checkpoint.keep_every, release=self._release_label())
         self._last_saved = self.step
         log.info("%s %s in %.2fs", "scheduled (writing in the background)"
                  if self.saver is not None else "saved", path, time.perf_counter() - t0)
         if self.saver is None:
             self.callbacks.on_checkpoint(self, path)
         return path
+
+    def _release_label(self) -> str | None:
+        """``end of stage NAME`` when this step ends a stage and ``checkpoint.save_stage_end``
+        is on: that checkpoint is the stage's release, kept from pruning."""
+        if not self.cfg.checkpoint.save_stage_end or self.step == 0:
+            return None
+        stage = stage_at(self.stages, self.step)
+        return f"end of stage {stage.name}" if self.step == stage.last_step else None
 
     def finalize_checkpoints(self, blocking: bool) -> None:
         """Publish background saves that every rank has finished (all, with ``blocking``)."""
@@ -227,7 +244,7 @@ class Trainer:
         self.stage = stage
         self.data = self.session.datasets_for(stage, self.data_history)
         self.layout = BatchLayout(self.cfg.train.micro_batch_size, stage.global_batch_size,
-                                  data_parallel_size(), data_parallel_rank())
+                                  data_parallel_size(), data_parallel_rank(), stage.ramp)
         self.callbacks.on_stage_start(self, stage)
 
     # ----------------------------------------------------------------- internals
@@ -300,12 +317,13 @@ class Trainer:
             return StepResult(step, stage, batch, float("nan"), float("nan"), lr, False,
                               self.control.skip, False, time.perf_counter() - t0,
                               batch_stage=data_stage)
-        loss = self._forward_backward_loss(self.train_data(data_stage), batch)
+        loss, extra = self._forward_backward_loss(self.train_data(data_stage), batch)
         outcome = guarded_step(self.session.optimizer, lambda g: self._pre_optim(step, loss, g))
         reason = self.control.skip or (None if outcome.updated else "non-finite gradients")
         self.last_loss = loss
         return StepResult(step, stage, batch, loss, outcome.grad_norm, lr, outcome.updated,
-                          reason, True, time.perf_counter() - t0, batch_stage=data_stage)
+                          reason, True, time.perf_counter() - t0, extra,
+                          batch_stage=data_stage)
 
     def _pre_optim(self, step: int, loss: float, grad_norm: float) -> bool:
         """``guarded_step``'s veto: the callbacks' ``pre_optim_step`` decisions."""
@@ -313,7 +331,8 @@ class Trainer:
         self._merge(self.callbacks.pre_optim_step(self, grads))
         return self.control.skip is not None
 
-    def _forward_backward_loss(self, dataset, batch: int) -> float:
+    def _forward_backward_loss(self, dataset, batch: int) -> tuple[float, dict]:
+        """The step's global LM loss, and the z-loss (``extra``) when it is on."""
         zero_grads(self.model_chunks, self.session.optimizer)
         self.heartbeat.beat(self.step + 1, "schedule")
         total = self._loss_sum(batch, dataset, forward_only=False)
@@ -325,38 +344,60 @@ class Trainer:
         # host->device copy, a second stream sync per step (docs/benchmarks.md, step overhead).
         total = torch.cat([total, total.new_full((1,), 1.0 if vote else 0.0)])
         dist.all_reduce(total)
-        loss_sum, count, stop = total.tolist()
+        loss_sum, count, z_sum, stop = total.tolist()
         if stop and self.control.stop is None:
             self.control.merge(Decision(stop=vote or "stop requested on another rank"))
             self.stopped_by_vote = True
-        return loss_sum / count if count else float("nan")
+        extra = {"z_loss": z_sum / count if count else float("nan")} if self._z_loss else {}
+        return (loss_sum / count if count else float("nan")), extra
 
-    def _loss_sum(self, batch: int, dataset, forward_only: bool) -> torch.Tensor:
-        """Run the schedule on ``batch``; [loss sum, token count] on the last pipeline stage."""
+    @property
+    def _z_loss(self) -> bool:
+        return self.cfg.train.z_loss_coeff > 0
+
+    def _loss_sum(self, batch: int, dataset, forward_only: bool,
+                  layout: BatchLayout | None = None) -> torch.Tensor:
+        """Run the schedule on ``batch``; [LM loss sum, token count, z-loss sum] on the last
+        pipeline stage (zeros elsewhere; the z-loss sum is 0 when it is off)."""
+        layout = layout or self.layout
         losses = self.forward_backward(
-            self._forward_step, microbatches(dataset, self.layout, batch),
-            num_microbatches=self.layout.num_microbatches, seq_length=self.stage.seq_length,
-            micro_batch_size=self.layout.micro_batch_size, forward_only=forward_only)
-        total = torch.zeros(2, dtype=torch.float64, device=comm_device())
+            self._forward_step, microbatches(dataset, layout, batch),
+            num_microbatches=layout.microbatches_in(batch), seq_length=self.stage.seq_length,
+            micro_batch_size=layout.micro_batch_size, forward_only=forward_only)
+        total = torch.zeros(3, dtype=torch.float64, device=comm_device())
         for item in losses:
-            total += item["lm loss"].to(total)
+            report = item["lm loss"].to(total)
+            total[:report.numel()] += report
         return total
 
     def _forward_step(self, data_iterator, model):
         batch = {k: v.to(comm_device(), non_blocking=True) for k, v in next(data_iterator).items()}
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, functools.partial(_masked_loss, batch["loss_mask"], self.control.loss_scale)
+        return output, functools.partial(_masked_loss, batch["loss_mask"], self.control.loss_scale,
+                                         self.cfg.train.z_loss_coeff)
 
 
-def _masked_loss(loss_mask: torch.Tensor, multiplier: float, per_token_loss: torch.Tensor):
-    """Megatron's 3-tuple contract: (loss sum, token count, values to report)."""
+def _masked_loss(loss_mask: torch.Tensor, multiplier: float, z_loss_coeff: float,
+                 per_token_loss: torch.Tensor):
+    """Megatron's 3-tuple contract: (loss sum, token count, values to report).
+
+    With the z-loss on, the model returns [2, b, s]: the LM loss and log(Z)^2 per token
+    (``megatron_patches/z_loss.py``); the objective is their masked sum, LM + coeff x z, and the
+    report carries both sums: [LM loss sum, tokens, z sum]."""
     mask = loss_mask.view(-1).float()
-    loss_sum = torch.sum(per_token_loss.view(-1).float() * mask)
-    if multiplier != 1.0:
-        loss_sum = loss_sum * multiplier
+    z_sum = None
+    if z_loss_coeff > 0:
+        per_token_loss, z = per_token_loss[0], per_token_loss[1]
+        z_sum = torch.sum(z.reshape(-1).float() * mask)
+    lm_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    if multiplier != 1.0:  # a drill's fault shows in the reported loss, as a real one would
+        lm_sum = lm_sum * multiplier
+    loss_sum = lm_sum if z_sum is None else lm_sum + z_loss_coeff * z_sum
     count = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
-    return loss_sum, count, {"lm loss": report}
+    report = [lm_sum.detach().clone(), mask.sum().detach()]
+    if z_sum is not None:
+        report.append(z_sum.detach())
+    return loss_sum, count, {"lm loss": torch.stack(report)}
 
 
 class CollectiveTimeoutError(RuntimeError):

@@ -102,6 +102,9 @@ def parameter_count(model: ModelConfig, tensor_parallel: int = 1) -> ParameterCo
     h = model.hidden_size
     vocab = padded_vocab_size(model, tensor_parallel)
     per_layer = layer_matmul_params(model) + _layer_bias_params(model) + 2 * _norm_params(model)
+    if model.qk_layernorm:  # one norm over head_dim each for queries and keys, shared by heads
+        head_dim = model.hidden_size // model.num_attention_heads
+        per_layer += 2 * _norm_params(model) * head_dim // model.hidden_size
     embedding = vocab * h
     if model.position_embedding == "learned_absolute":
         embedding += model.seq_length * h
