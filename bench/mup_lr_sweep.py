@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.mup_coord_check import model_shape
+from bench.mup_coord_check import GROW, model_shape
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WIDTHS = (64, 128, 256)
@@ -52,9 +52,12 @@ class Point:
     train_loss: float
 
 
-def width_command(width: int, lrs: list[float], steps: int, sweep_dir: Path) -> list[str]:
-    """The multirun for one width: SP and muP at every LR (12 jobs with the default grid)."""
-    shape = model_shape(width)
+def width_command(width: int, lrs: list[float], steps: int, sweep_dir: Path,
+                  grow: str = "heads", smallest: int = 64, extra: tuple[str, ...] = ()) -> list[str]:
+    """The multirun for one width: SP and muP at every LR (12 jobs with the default grid).
+    ``grow`` and ``smallest`` pick the shape as the coordinate check does; ``extra`` are more
+    Hydra overrides (e.g. ``mup.output_multiplier=4``)."""
+    shape = model_shape(width, grow=grow, base_width=smallest)
     return [
         sys.executable,
         "-m",
@@ -67,6 +70,7 @@ def width_command(width: int, lrs: list[float], steps: int, sweep_dir: Path) -> 
         "optim.lr=" + ",".join(f"{lr:g}" for lr in lrs),
         f"train.max_steps={steps}",
         f"train.eval_interval={steps}",
+        *extra,
     ]
 
 
@@ -222,6 +226,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS))
     p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS))
     p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--grow", choices=GROW, default="heads",
+                   help="what a wider model widens (as bench.mup_coord_check; 'heads' keeps "
+                        "head_dim 32)")
+    p.add_argument("--set", dest="extra", nargs="*", default=[],
+                   help="more Hydra overrides for every run, e.g. mup.output_multiplier=4")
     p.add_argument("--sweep-dir", type=Path, default=Path("runs/mup_sweep-sweep"))
     p.add_argument("--png", type=Path, default=REPO / "docs/img/mup_lr_transfer.png")
     p.add_argument("--collect-only", action="store_true", help="plot an existing sweep")
@@ -241,7 +250,8 @@ def run_sweep(args: argparse.Namespace, sweep_dir: Path) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     total = 0.0
     for width in args.widths:
-        cmd = width_command(width, args.lrs, args.steps, sweep_dir)
+        cmd = width_command(width, args.lrs, args.steps, sweep_dir, args.grow,
+                            min(args.widths), tuple(args.extra))
         print("$ " + " ".join(cmd[1:]).replace(str(REPO) + "/", ""), flush=True)
         seconds = run_width(cmd, sweep_dir / f"width_{width}.log")
         total += seconds
@@ -265,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         points,
         widths,
         args.png,
-        f"LR transfer, tiny LLaMA (4 layers, head_dim 32) on the demo corpus: {steps} steps "
+        f"LR transfer, tiny LLaMA (4 layers, grow {args.grow}) on the demo corpus: {steps} steps "
         f"x 8 x 64 tokens, warmup 8 + cosine to 0, held-out loss on 4096 tokens",
     )
     print(f"wrote {args.png}")
