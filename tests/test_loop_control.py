@@ -72,6 +72,22 @@ def test_control_merges_decisions_first_reason_wins():
     assert control.stop == "first"  # a stop stays until the loop acts on it
 
 
+def test_control_rerun_and_transient_fault_scale():
+    """A re-run request is served once, and a transient fault's scale is not repeated by it;
+    a bad batch's loss_scale is."""
+    control = Control()
+    control.merge(Decision(loss_scale=2.0, fault_scale=1000.0))
+    control.merge(Decision(rerun="loss 4e3 > threshold"))
+    control.merge(Decision(rerun="second"))
+    assert (control.rerun, control.loss_scale, control.fault_scale) == (
+        "loss 4e3 > threshold", 2.0, 1000.0)
+    control.start_rerun()
+    assert (control.rerun, control.loss_scale, control.fault_scale) == (None, 2.0, 1.0)
+    control.merge(Decision(fault_scale=5.0, rerun="again"))
+    control.reset_step()
+    assert (control.rerun, control.loss_scale, control.fault_scale) == (None, 1.0, 1.0)
+
+
 def test_callbacks_by_name_from_config(tiny_cfg):
     cfg = copy.deepcopy(tiny_cfg)
     cfg.callbacks = {"samples": None, "probes:GradientProbe": {"stop_at": 2}}
