@@ -53,7 +53,8 @@ class Point:
 
 
 def width_command(width: int, lrs: list[float], steps: int, sweep_dir: Path,
-                  grow: str = "heads", smallest: int = 64, extra: tuple[str, ...] = ()) -> list[str]:
+                  grow: str = "heads", smallest: int = 64, extra: tuple[str, ...] = (),
+                  params: tuple[str, ...] = ("SP", "muP")) -> list[str]:
     """The multirun for one width: SP and muP at every LR (12 jobs with the default grid).
     ``grow`` and ``smallest`` pick the shape as the coordinate check does; ``extra`` are more
     Hydra overrides (e.g. ``mup.output_multiplier=4``)."""
@@ -66,7 +67,7 @@ def width_command(width: int, lrs: list[float], steps: int, sweep_dir: Path,
         "experiment=mup_sweep",
         f"hydra.sweep.dir={sweep_dir}",
         *[f"model.{key}={value}" for key, value in shape.items()],
-        "mup.enabled=false,true",
+        "mup.enabled=" + ",".join(k for k, v in PARAMS.items() if v in params),
         "optim.lr=" + ",".join(f"{lr:g}" for lr in lrs),
         f"train.max_steps={steps}",
         f"train.eval_interval={steps}",
@@ -150,7 +151,7 @@ def format_tables(points: list[Point], widths: list[int]) -> str:
         "| param | width | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
         "|---|---|" + "---|" * len(lrs),
     ]
-    for param in ("SP", "muP"):
+    for param in sorted({p.param for p in points}, key=("SP", "muP").index):
         for w in widths:
             cells = [f"{grid.get((param, w, lr), float('nan')):.3f}" for lr in lrs]
             lines.append(f"| {param} | {w} | " + " | ".join(cells) + " |")
@@ -229,6 +230,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grow", choices=GROW, default="heads",
                    help="what a wider model widens (as bench.mup_coord_check; 'heads' keeps "
                         "head_dim 32)")
+    p.add_argument("--params", nargs="+", choices=("SP", "muP"), default=["SP", "muP"])
     p.add_argument("--set", dest="extra", nargs="*", default=[],
                    help="more Hydra overrides for every run, e.g. mup.output_multiplier=4")
     p.add_argument("--sweep-dir", type=Path, default=Path("runs/mup_sweep-sweep"))
@@ -251,14 +253,16 @@ def run_sweep(args: argparse.Namespace, sweep_dir: Path) -> None:
     total = 0.0
     for width in args.widths:
         cmd = width_command(width, args.lrs, args.steps, sweep_dir, args.grow,
-                            min(args.widths), tuple(args.extra))
+                            min(args.widths), tuple(args.extra), tuple(args.params))
         print("$ " + " ".join(cmd[1:]).replace(str(REPO) + "/", ""), flush=True)
         seconds = run_width(cmd, sweep_dir / f"width_{width}.log")
         total += seconds
-        print(f"  width {width}: {seconds:.0f}s ({2 * len(args.lrs)} runs)", flush=True)
+        runs = len(args.params) * len(args.lrs)
+        print(f"  width {width}: {seconds:.0f}s ({runs} runs)", flush=True)
         if not args.keep_checkpoints:
             prune_checkpoints(sweep_dir)
-    print(f"sweep: {total:.0f}s wall for {2 * len(args.lrs) * len(args.widths)} runs")
+    runs = len(args.params) * len(args.lrs) * len(args.widths)
+    print(f"sweep: {total:.0f}s wall for {runs} runs")
 
 
 def main(argv: list[str] | None = None) -> None:
