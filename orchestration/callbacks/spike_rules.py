@@ -14,9 +14,9 @@ Rules (``spike.rule``, with ``spike.threshold`` = k and ``spike.window``):
   max(20, window // 2) values counting the current one (63 earlier values for window 128).
   ``min_history`` does not apply, and a window below 19 would never test (config validation
   refuses it). As there, a constant history (std 0) makes every value a spike
-  (0/0 is NaN, and NaN is not <= k). One departure: a non-finite value never enters the history
-  (OLMo-core's trainer stops on one; here it is skipped, and one NaN in the history would make
-  every z-score NaN for ``window`` steps).
+  (0/0 is NaN, and NaN is not <= k). One departure: a non-finite value is a spike and never
+  enters the history (in OLMo-core's list one NaN would make every z-score NaN, and so skip
+  every step, until it leaves the window).
 - ``ema_ratio`` (llm-foundry's loss-spike callback compares with 2x a running mean): above k
   times an exponential moving average of accepted values.
 - ``max_ratio``: above k times the largest of the last ``window`` accepted values (k = 10).
