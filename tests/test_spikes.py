@@ -294,3 +294,21 @@ def test_olmo_rule_in_training_keeps_skipped_steps_in_its_history(tiny_cfg, tmp_
     history = common["trainer"]["callbacks"]["skipping"]["detector"]["loss"]["history"]
     assert history == [out["loss_by_step"][s] for s in range(5, 25)]  # the last 20, 22 included
     assert out["loss_by_step"][22] > 100
+
+
+@pytest.mark.parametrize("spike, message", [
+    ({"rule": "olmo", "window": 16}, "spike.window=16 with spike.rule=olmo"),
+    ({"rule": "olmo_core"}, "spike.rule='olmo_core' is not one of"),
+    ({"rerun_attempts": 0}, "spike.rerun_attempts=0 must be at least 1"),
+    ({"rerun_tolerance": -1.0}, "spike.rerun_tolerance=-1.0 must be >= 0"),
+    ({"inject": {"5": "flip"}}, "each value must be 'nan', 'spike' or 'bad_batch'"),
+])
+def test_spike_settings_are_validated(spike, message):
+    from orchestration.config import ConfigError, RunConfig, validate
+
+    cfg = RunConfig()
+    for key, value in spike.items():
+        setattr(cfg.spike, key, value)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+    validate(RunConfig())  # the defaults pass
