@@ -10,9 +10,12 @@ over ``mup.enabled`` x ``optim.lr``; a width needs its hidden size, FFN size and
 set together, which a Hydra sweep cannot tie, so the widths are separate invocations:
 
     python -m orchestration.train -m experiment=mup_sweep hydra.sweep.dir=runs/mup_sweep-sweep \
-        model.hidden_size=128 model.ffn_hidden_size=352 model.num_attention_heads=4 \
+        model.hidden_size=256 model.ffn_hidden_size=704 model.num_attention_heads=4 \
         model.num_query_groups=2 mup.enabled=false,true optim.lr=3e-4,1e-3,... \
         train.max_steps=80 train.eval_interval=80
+
+(``--grow both``, the default: widths 64/128/256 are 2x32, 2x64, 4x64 heads; ``--grow heads``
+keeps head_dim 32.)
 
 Each run's final ``val_loss`` is read from its ``metrics.jsonl``; the final checkpoints (which
 the driver always writes) are deleted once a width is done, unless --keep-checkpoints.
@@ -227,9 +230,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS))
     p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS))
     p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--grow", choices=GROW, default="heads",
+    p.add_argument("--grow", choices=GROW, default="both",
                    help="what a wider model widens (as bench.mup_coord_check; 'heads' keeps "
-                        "head_dim 32)")
+                        "head_dim 32, as docs/mup.md's first sweep did)")
     p.add_argument("--params", nargs="+", choices=("SP", "muP"), default=["SP", "muP"])
     p.add_argument("--set", dest="extra", nargs="*", default=[],
                    help="more Hydra overrides for every run, e.g. mup.output_multiplier=4")

@@ -7,10 +7,10 @@ with the width (one head of 32, 64, 128: the 1/d_head attention rule matters), m
 multiplier is 10, weight decay 0.1, and the probe is a batch the steps do not train on.
 
 Two-seed means at the time of writing (docs/mup.md has the bench's wider check): after 3 steps
-muP's logits grow 1.05x from width 32 to 128 (SP 4.15x), the last layer 1.03x (SP 38x), the
+muP's logits grow 1.05x from width 32 to 128 (SP 4.15x), the last layer 1.06x (SP 27x), the
 last layer's attention scores 1.08x (SP 23x; muP with 1/sqrt(d) scores instead: 2.17x). At init
-muP's logits scale as width^-0.51 (TP5's readout; the output layer drawn with the hidden std,
-as before the fix, gives width^-0.99) and its attention scores as width^-0.50 (1/d of an
+muP's logits scale as width^-0.50 (TP5's readout; the output layer drawn with the hidden std,
+as before the fix, gives width^-1.00) and its attention scores as width^-0.50 (1/d of an
 uncorrelated q.k; 1/sqrt(d) gives width^0.0).
 """
 
