@@ -161,7 +161,7 @@ class SpikeConfig:
     inject: dict[str, str] = field(default_factory=dict)
     megatron_samples: int = 100  # rule megatron: the max is taken over this many first values
     rerun: bool = False  # re-run a flagged step to tell a transient fault from a real spike
-    rerun_attempts: int = 1  # re-runs per step (Megatron: 1, in place)
+    rerun_attempts: int = 1  # re-runs per step (Megatron: 1, in place; the loop allows 8)
     rerun_tolerance: float = 0.0  # relative loss difference under which two runs agree
     rerun_grad_tolerance: float = 1e-3  # the same for the grad norm (Megatron: 0.1%)
 

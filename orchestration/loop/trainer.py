@@ -3,10 +3,11 @@
 One step (``run_step``) is: ``before_step`` (a callback may skip the batch without computing
 it) -> Megatron's schedule over this rank's micro-batches -> one all-reduce of [loss, tokens,
 stop vote] -> ``guarded_step``, whose ``pre_optim_step`` hook sees the reduced gradients and
-may drop the update or ask for a re-run of the step (the schedule again on the same batch from
-the same RNG state, then ``pre_optim_step`` again) -> ``after_step`` -> the loop acts on the step's merged
-:class:`~orchestration.loop.control.Control`: save, roll back or stop. Everything a resumed run
-needs is a function of the global step plus what the callbacks store in the checkpoint.
+may drop the update or ask for a re-run of the step (the schedule again on the same batch
+from the same RNG state, then ``pre_optim_step`` again) -> ``after_step`` -> the loop acts on
+the step's merged :class:`~orchestration.loop.control.Control`: save, roll back or stop.
+Everything a resumed run needs is a function of the global step plus what the callbacks store
+in the checkpoint.
 Steps are 1-based (``orchestration/loop/stages.py``): ``self.step`` is the last step done.
 """
 
@@ -49,6 +50,7 @@ from orchestration.loop.session import TrainingSession
 from orchestration.loop.stages import Stage, consumed_tokens, stage_at, total_steps
 
 log = logging.getLogger(__name__)
+MAX_RERUNS = 8  # per step, whatever the callbacks ask (spike.rerun_attempts is 1 by default)
 
 
 class Trainer:
@@ -270,6 +272,10 @@ class Trainer:
             outcome = guarded_step(self.session.optimizer,
                                    functools.partial(self._pre_optim, step, loss, attempt))
             if self.control.rerun is None or self.control.skip is not None:
+                break
+            if attempt == MAX_RERUNS:  # a callback that never stops asking: skip, loudly
+                self.control.merge(Decision(skip=f"{MAX_RERUNS} re-runs did not settle step "
+                                                 f"{step}: {self.control.rerun}"))
                 break
             attempt += 1
             log.warning("step %d: re-running it (re-run %d) on the same batch: %s", step,
