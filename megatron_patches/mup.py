@@ -29,10 +29,10 @@ Where it hooks in:
   multipliers, and an untied output layer is re-initialised with ``embedding_init_method``
   (:func:`apply_mup_to_model`). The re-initialisation is the one unavoidable patch: 0.16.1's
   ``GPTModel.__init__`` hard-codes ``init_method=config.init_method`` for the output layer and
-  has no field to change it. It draws the weight as the layer's constructor does (``_initialize_affine_weight_cpu``
-  on CPU: the full matrix, then this rank's rows; on GPU, the shard inside the model-parallel
-  RNG tracker, as ``_initialize_affine_weight_gpu`` does), so tensor-parallel shards are drawn
-  as Megatron draws them; every other parameter is initialised before it and is unchanged.
+  has no field to change it. It draws the weight as the layer's constructor does
+  (``_initialize_affine_weight_cpu`` on CPU: the full matrix, then this rank's rows; on GPU,
+  the shard inside the model-parallel RNG tracker, as ``_initialize_affine_weight_gpu`` does),
+  so tensor-parallel shards are drawn as Megatron draws them; every other parameter is initialised before it and is unchanged.
   ``tests/test_mup.py`` fails when those helpers move, and when ``GPTModel`` starts choosing
   the output layer's init itself (then the re-initialisation must go).
 - ``get_megatron_optimizer(config_overrides=...)``: one ``ParamKey`` for hidden matrices sets the
@@ -43,11 +43,12 @@ megatron-core 0.16.1 has no muP; upstream Megatron-LM added ``use_mup``, ``mup_b
 rules: hidden init ``init_method_std / sqrt(m)``, residual projections also ``/ sqrt(2 L)``,
 embedding and untied output init ``embedding_init_method_std`` (default ``init_method_std``),
 hidden-matrix LR and Adam eps ``/ m``, logits x ``1 / m`` (upstream's ``mup_output_mult`` is the
-whole factor, ours is ``output_multiplier / m``) and scores / d_head. Two differences remain:
-upstream's inits are plain normals (ours truncate at 2 std, as Crystal did) and upstream keeps
-the embedding multiplier separate from the init. Models trained before the output-layer
-re-initialisation (an untied output layer initialised with std ``init_method_std / sqrt(m)``)
-are *not* the same model as upstream's at ``m != 1``: their readout started sqrt(m) smaller.
+whole factor, ours is ``output_multiplier / m``) and scores / d_head. So moving to upstream's
+fields keeps the rules, not the bits: upstream's inits are plain normals (ours truncate at
+2 std, as Crystal did) and draw from the RNG in another order. Models initialised before the
+output-layer re-initialisation are *not* upstream's model at ``m != 1`` even in distribution:
+an untied readout started with std ``init_method_std / sqrt(m)`` instead of
+``init_method_std`` (docs/mup.md).
 """
 
 from __future__ import annotations
