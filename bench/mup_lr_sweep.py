@@ -10,9 +10,12 @@ over ``mup.enabled`` x ``optim.lr``; a width needs its hidden size, FFN size and
 set together, which a Hydra sweep cannot tie, so the widths are separate invocations:
 
     python -m orchestration.train -m experiment=mup_sweep hydra.sweep.dir=runs/mup_sweep-sweep \
-        model.hidden_size=128 model.ffn_hidden_size=352 model.num_attention_heads=4 \
+        model.hidden_size=256 model.ffn_hidden_size=704 model.num_attention_heads=4 \
         model.num_query_groups=2 mup.enabled=false,true optim.lr=3e-4,1e-3,... \
         train.max_steps=80 train.eval_interval=80
+
+(``--grow both``, the default: widths 64/128/256 are 2x32, 2x64, 4x64 heads; ``--grow heads``
+keeps head_dim 32.)
 
 Each run's final ``val_loss`` is read from its ``metrics.jsonl``; the final checkpoints (which
 the driver always writes) are deleted once a width is done, unless --keep-checkpoints.
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.mup_coord_check import model_shape
+from bench.mup_coord_check import GROW, model_shape
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WIDTHS = (64, 128, 256)
@@ -52,9 +55,13 @@ class Point:
     train_loss: float
 
 
-def width_command(width: int, lrs: list[float], steps: int, sweep_dir: Path) -> list[str]:
-    """The multirun for one width: SP and muP at every LR (12 jobs with the default grid)."""
-    shape = model_shape(width)
+def width_command(width: int, lrs: list[float], steps: int, sweep_dir: Path,
+                  grow: str = "heads", smallest: int = 64, extra: tuple[str, ...] = (),
+                  params: tuple[str, ...] = ("SP", "muP")) -> list[str]:
+    """The multirun for one width: SP and muP at every LR (12 jobs with the default grid).
+    ``grow`` and ``smallest`` pick the shape as the coordinate check does; ``extra`` are more
+    Hydra overrides (e.g. ``mup.output_multiplier=4``)."""
+    shape = model_shape(width, grow=grow, base_width=smallest)
     return [
         sys.executable,
         "-m",
@@ -63,10 +70,11 @@ def width_command(width: int, lrs: list[float], steps: int, sweep_dir: Path) -> 
         "experiment=mup_sweep",
         f"hydra.sweep.dir={sweep_dir}",
         *[f"model.{key}={value}" for key, value in shape.items()],
-        "mup.enabled=false,true",
+        "mup.enabled=" + ",".join(k for k, v in PARAMS.items() if v in params),
         "optim.lr=" + ",".join(f"{lr:g}" for lr in lrs),
         f"train.max_steps={steps}",
         f"train.eval_interval={steps}",
+        *extra,
     ]
 
 
@@ -146,7 +154,7 @@ def format_tables(points: list[Point], widths: list[int]) -> str:
         "| param | width | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
         "|---|---|" + "---|" * len(lrs),
     ]
-    for param in ("SP", "muP"):
+    for param in sorted({p.param for p in points}, key=("SP", "muP").index):
         for w in widths:
             cells = [f"{grid.get((param, w, lr), float('nan')):.3f}" for lr in lrs]
             lines.append(f"| {param} | {w} | " + " | ".join(cells) + " |")
@@ -222,6 +230,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS))
     p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS))
     p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--grow", choices=GROW, default="both",
+                   help="what a wider model widens (as bench.mup_coord_check; 'heads' keeps "
+                        "head_dim 32, as docs/mup.md's first sweep did)")
+    p.add_argument("--params", nargs="+", choices=("SP", "muP"), default=["SP", "muP"])
+    p.add_argument("--set", dest="extra", nargs="*", default=[],
+                   help="more Hydra overrides for every run, e.g. mup.output_multiplier=4")
     p.add_argument("--sweep-dir", type=Path, default=Path("runs/mup_sweep-sweep"))
     p.add_argument("--png", type=Path, default=REPO / "docs/img/mup_lr_transfer.png")
     p.add_argument("--collect-only", action="store_true", help="plot an existing sweep")
@@ -241,14 +255,17 @@ def run_sweep(args: argparse.Namespace, sweep_dir: Path) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     total = 0.0
     for width in args.widths:
-        cmd = width_command(width, args.lrs, args.steps, sweep_dir)
+        cmd = width_command(width, args.lrs, args.steps, sweep_dir, args.grow,
+                            min(args.widths), tuple(args.extra), tuple(args.params))
         print("$ " + " ".join(cmd[1:]).replace(str(REPO) + "/", ""), flush=True)
         seconds = run_width(cmd, sweep_dir / f"width_{width}.log")
         total += seconds
-        print(f"  width {width}: {seconds:.0f}s ({2 * len(args.lrs)} runs)", flush=True)
+        runs = len(args.params) * len(args.lrs)
+        print(f"  width {width}: {seconds:.0f}s ({runs} runs)", flush=True)
         if not args.keep_checkpoints:
             prune_checkpoints(sweep_dir)
-    print(f"sweep: {total:.0f}s wall for {2 * len(args.lrs) * len(args.widths)} runs")
+    runs = len(args.params) * len(args.lrs) * len(args.widths)
+    print(f"sweep: {total:.0f}s wall for {runs} runs")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         points,
         widths,
         args.png,
-        f"LR transfer, tiny LLaMA (4 layers, head_dim 32) on the demo corpus: {steps} steps "
+        f"LR transfer, tiny LLaMA (4 layers, grow {args.grow}) on the demo corpus: {steps} steps "
         f"x 8 x 64 tokens, warmup 8 + cosine to 0, held-out loss on 4096 tokens",
     )
     print(f"wrote {args.png}")

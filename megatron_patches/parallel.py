@@ -104,3 +104,25 @@ def single_process_world(seed: int = 1234) -> None:
     sizes = (dist.get_world_size(), tensor_parallel_size(), pipeline_parallel_size())
     if sizes != (1, 1, 1):
         raise RuntimeError(f"needs a 1-process TP=PP=1 world, found world/tp/pp={sizes}")
+
+
+def rng_state() -> dict:
+    """Every RNG a training step draws from: Python's, NumPy's, torch's CPU and CUDA generators
+    and Megatron's model-parallel tracker (dropout inside tensor-parallel regions). What
+    Megatron-LM's ``RerunStateMachine._save_state`` saves, plus the tracker, so that a re-run
+    of a step draws the same numbers."""
+    state = {"random": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back what :func:`rng_state` took."""
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(dict(state["tracker"]))

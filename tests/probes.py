@@ -73,3 +73,27 @@ def token_hash(tokens) -> str:
     import hashlib
 
     return hashlib.sha1(torch.as_tensor(tokens).to(torch.int64).numpy().tobytes()).hexdigest()
+class RerunProbe(Callback):
+    """Asks for a re-run of step ``at`` every time it sees it, recording each computation's loss
+    and grad norm (``rerun_probe.json``): the loop's re-run and its bound."""
+
+    name = "rerun_probe"
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.rows: list[dict] = []
+
+    def pre_optim_step(self, trainer, grads) -> Decision | None:
+        if grads.step != self.at:
+            return None
+        self.rows.append({"attempt": grads.attempt, "loss": grads.loss,
+                          "grad_norm": grads.grad_norm})
+        return Decision(rerun="probe")
+
+    def after_step(self, trainer, result) -> None:
+        if result.step == self.at:
+            self.rows.append({"skip_reason": result.skip_reason, "extra": result.extra})
+
+    def on_fit_end(self, trainer) -> None:
+        if dist.get_rank() == 0:
+            (Path(trainer.run_dir) / "rerun_probe.json").write_text(json.dumps(self.rows))

@@ -72,6 +72,22 @@ def test_control_merges_decisions_first_reason_wins():
     assert control.stop == "first"  # a stop stays until the loop acts on it
 
 
+def test_control_rerun_and_transient_fault_scale():
+    """A re-run request is served once, and a transient fault's scale is not repeated by it;
+    a bad batch's loss_scale is."""
+    control = Control()
+    control.merge(Decision(loss_scale=2.0, fault_scale=1000.0))
+    control.merge(Decision(rerun="loss 4e3 > threshold"))
+    control.merge(Decision(rerun="second"))
+    assert (control.rerun, control.loss_scale, control.fault_scale) == (
+        "loss 4e3 > threshold", 2.0, 1000.0)
+    control.start_rerun()
+    assert (control.rerun, control.loss_scale, control.fault_scale) == (None, 2.0, 1.0)
+    control.merge(Decision(fault_scale=5.0, rerun="again"))
+    control.reset_step()
+    assert (control.rerun, control.loss_scale, control.fault_scale) == (None, 1.0, 1.0)
+
+
 def test_callbacks_by_name_from_config(tiny_cfg):
     cfg = copy.deepcopy(tiny_cfg)
     cfg.callbacks = {"samples": None, "probes:GradientProbe": {"stop_at": 2}}
@@ -104,3 +120,22 @@ def test_pre_optim_step_sees_reduced_gradients_and_a_decision_stops_the_loop(tin
         for r in rows:
             assert r["reduced_norm"] == pytest.approx(r["grad_norm"], rel=1e-5)
             assert r["named_grads"] > 0
+
+
+def test_a_rerun_recomputes_the_same_step_and_is_bounded(tiny_cfg):
+    """A callback asking for a re-run of step 3 every time: the loop computes step 3 again on
+    the same batch from the same RNG state (dropout on: the same loss and grad norm each time),
+    at most MAX_RERUNS times, then skips the update naming why, and goes on."""
+    from orchestration.loop.trainer import MAX_RERUNS
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.hidden_dropout = 0.1
+    cfg.callbacks = {"probes:RerunProbe": {"at": 3}}
+    out = run_single(cfg)
+    assert out["final_step"] == 6 and out["skipped"] == [3]
+    rows = json.loads((Path(cfg.run_dir) / "rerun_probe.json").read_text())
+    *computed, result = rows
+    assert [r["attempt"] for r in computed] == list(range(MAX_RERUNS + 1))
+    assert len({(r["loss"], r["grad_norm"]) for r in computed}) == 1
+    assert f"{MAX_RERUNS} re-runs did not settle step 3" in result["skip_reason"]
+    assert result["extra"] == {"reruns": MAX_RERUNS}

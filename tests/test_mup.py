@@ -102,3 +102,56 @@ def test_multipliers_scale_embedding_and_logits(megatron_env):
     logits, _ = model.output_layer(hidden, weight=model.shared_embedding_or_output_weight())
     plain = hidden @ model.shared_embedding_or_output_weight().t()
     assert torch.allclose(logits, plain * 2.22 * 256 / 512, atol=1e-5)
+
+
+def _untied(width: int, base_width: int, tie: bool = False):
+    cfg = _crystal(**{"model.num_layers": 1, "model.hidden_size": width,
+                      "model.ffn_hidden_size": 2 * width, "model.num_attention_heads": 8,
+                      "model.num_query_groups": 8, "model.tie_embeddings": str(tie).lower(),
+                      "model.vocab_size": 4096, "mup.base_width": base_width,
+                      "mup.embedding_init_std": "null", "mup.hidden_init_std": "null",
+                      "mup.output_proj_init_std": "null"})
+    mc = build_megatron_configs(cfg, on_cpu=True)
+    return cfg, build_gpt_model(cfg, mc)
+
+
+def test_untied_output_layer_initialised_like_the_embedding(megatron_env):
+    """Upstream Megatron-LM's muP (and TP5 Table 3's readout, 1/fan_in^2 variance with no
+    multiplier = width-independent variance under the 1/m multiplier): an untied output layer
+    is drawn with the embedding's std, not the hidden matrices' sigma/sqrt(m). Before the fix
+    its std at width 1024 = 16 x base was 0.02/4 = 0.005."""
+    cfg, model = _untied(1024, 64)
+    sigma = cfg.model.init_method_std
+    out = model.output_layer.weight.detach()
+    qkv = model.decoder.layers[0].self_attention.linear_qkv.weight.detach()
+    assert out.std().item() == pytest.approx(sigma * 0.8796, rel=0.02)
+    assert out.abs().max().item() <= 2 * sigma + 1e-9
+    assert qkv.std().item() == pytest.approx(sigma / 4 * 0.8796, rel=0.02)  # hidden: /sqrt(16)
+    emb = model.embedding.word_embeddings.weight.detach()
+    assert not torch.equal(out, emb)  # untied: its own draw
+
+
+def test_tied_output_layer_is_the_embedding(megatron_env):
+    from megatron_patches.mup import reinit_untied_output_layer
+
+    _, model = _untied(512, 64, tie=True)
+    assert model.output_layer.weight is None
+    assert reinit_untied_output_layer(model) is False
+
+
+def test_output_init_patch_still_needed_upstream():
+    """The re-initialisation replaces 0.16.1's hard-coded ``init_method=config.init_method`` for
+    the output layer with Megatron's own helpers. Fails when the helpers move, or when
+    ``GPTModel`` chooses the output init itself (as upstream's ``use_mup`` does): then drop
+    ``reinit_untied_output_layer`` and set upstream's fields instead."""
+    import inspect
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker, layers
+
+    assert "skip_set_tensor_parallel_attributes" in inspect.signature(
+        layers._initialize_affine_weight_cpu).parameters
+    assert callable(get_cuda_rng_tracker)
+    source = inspect.getsource(GPTModel.__init__)
+    assert "init_method=config.init_method," in source
+    assert "use_mup" not in source

@@ -8,7 +8,9 @@ One step of the loop, with its hooks (``orchestration/loop/trainer.py``)::
     before_step      -> Decision: skip without computing, scale the loss
       forward/backward (Megatron's schedule), then one all-reduce of [loss, count, stop]
     poll_stop        -> reason: this rank asks every rank to stop (reduced in that all-reduce)
-    pre_optim_step   -> Decision: sees the reduced gradients, loss and grad norm; may skip
+    pre_optim_step   -> Decision: sees the reduced gradients, loss and grad norm; may skip,
+                        or ask for a re-run of the step (forward/backward again, same batch
+                        and RNG state; then pre_optim_step sees the re-run)
       optimizer update (unless skipped)
     after_step       -> Decision: save, stop, roll back
     on_checkpoint / on_rollback      what the loop did about it
@@ -43,7 +45,8 @@ class Gradients:
     and Megatron's fp16/bf16 unscaling, before clipping and the update.
 
     ``grad_norm`` is the global norm (over every model- and data-parallel rank; NaN when the
-    gradients are not finite), the same value clipping uses.
+    gradients are not finite), the same value clipping uses. ``attempt`` is 0 for the step's
+    first computation and counts the re-runs a ``Decision(rerun=...)`` asked for.
     """
 
     step: int
@@ -51,6 +54,7 @@ class Gradients:
     grad_norm: float
     optimizer: Any
     model_chunks: list
+    attempt: int = 0
 
     def main_grads(self) -> Iterator[torch.Tensor]:
         """The fp32 gradients the optimizer steps with, fully reduced. With the distributed

@@ -6,6 +6,19 @@ Hooked into the loop at four named points: ``before_step`` (skip without computi
 the update while the LR and data position move on), ``after_step`` (log, escalate) and
 ``on_rollback`` (what to do with the rolled-back window).
 
+With ``spike.rerun`` a step the rule flags is computed again before anything is decided, as
+Megatron-LM's re-run state machine does (``megatron/core/rerun_state_machine.py``, with
+``fatal=False``): the loop re-runs the schedule on the same batch from the same RNG state
+(``Decision(rerun=...)``) and this callback compares the two results (loss within
+``spike.rerun_tolerance``, grad norm within ``spike.rerun_grad_tolerance``, relative, as
+Megatron's ``_compare_floats``). The same result is a real spike of the data: it is skipped
+(and counts towards escalation) like any other. A different one means the first computation was
+a transient fault (a flipped bit, a bad kernel launch): it is logged (a ``transient_fault``
+event in the metrics log; no skip, nothing to replay) and the re-run's result is used, judged
+by the rule in its turn. Megatron continues with the re-run's gradients without judging them;
+here a re-run that is flagged again is re-run again, up to ``spike.rerun_attempts`` re-runs,
+and skipped if no two consecutive results agree.
+
 Every skip is a line in ``<run_dir>/skipped_batches.jsonl``: step, stage, the batch's dataset
 sample indices and their (source, sample) pairs, loss, grad norm, threshold and reason. That
 file is a replay list: a rerun given it skips the same batches and so reproduces the run.
@@ -24,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.callbacks.base import Callback
-from orchestration.callbacks.spike_rules import SpikeDetector, parse_step_ranges
+from orchestration.callbacks.spike_rules import SpikeDetector, parse_step_ranges, results_agree
 from orchestration.common.files import write_jsonl_atomic
 from orchestration.config import RunConfig
 from orchestration.data.batches import source_of_samples
@@ -33,7 +46,9 @@ from orchestration.loop.stages import Stage, stage_at, total_steps
 from orchestration.metrics.logger import MetricsLogger
 
 log = logging.getLogger(__name__)
-_INJECTIONS = {"nan": float("nan"), "spike": 1000.0}  # loss (and gradient) multipliers
+#: loss (and gradient) multipliers of the drills; nan/spike hit a step's first computation only
+_INJECTIONS = {"nan": float("nan"), "spike": 1000.0, "bad_batch": 1000.0}
+_TRANSIENT = ("nan", "spike")
 _NOT_COMPUTED = ("configured spike.skip_steps", "replayed skip list", "rolled-back window")
 MAX_ROLLBACKS_FROM_ONE_STEP = 3  # then the run stops (failed) instead of rolling back again
 RUN_SCOPE = -1  # the ``deferred`` key (and skip-log ``stage_index``) of windows deferred to the end
@@ -57,6 +72,8 @@ class SkipBatchesCallback(Callback):
         self.injected: set[int] = set()
         self.escalation: tuple[int, str] | None = None  # (step, message) of a rollback asked for
         self.rollbacks_from: dict[int, int] = {}  # first bad step -> rollbacks (this process)
+        self.attempts: list[tuple[float, float]] = []  # (loss, grad norm) of this step's runs
+        self.transient_faults: list[int] = []  # steps whose first result did not reproduce
 
     @classmethod
     def from_config(cls, context, **options) -> SkipBatchesCallback:
@@ -75,18 +92,63 @@ class SkipBatchesCallback(Callback):
             if step in steps:
                 self._log_skip(trainer, step, *trainer.batch_for_step(step), reason,
                                computed=False)
-                return Decision(skip=reason, loss_scale=scale)
-        return Decision(loss_scale=scale) if scale is not None else None
+                return Decision(skip=reason)
+        if scale is None:
+            return None
+        return Decision(fault_scale=scale) if fault in _TRANSIENT else Decision(loss_scale=scale)
 
     def pre_optim_step(self, trainer, grads) -> Decision | None:
         if not self.cfg.enabled:
             return None
         verdict = self.detector.check(grads.loss, grads.grad_norm)
         self.pending = {"threshold": verdict.threshold}
+        if grads.attempt == 0:
+            self.attempts = []
+        if self.cfg.rerun:
+            decision = self._judge_rerun(trainer, grads, verdict)
+            if decision is not None:
+                return decision
         if verdict.spike:
+            self.detector.record(grads.loss, grads.grad_norm, accepted=False)
             return Decision(skip=verdict.reason)
         self.detector.accept(grads.loss, grads.grad_norm)
         return None
+
+    def _judge_rerun(self, trainer, grads, verdict) -> Decision | None:
+        """With ``spike.rerun``: ask for a re-run of a flagged step, or tell a real spike (the
+        re-run reproduces it: skip) from a transient fault (it does not: log, and judge the
+        re-run's result). None: decide on ``verdict`` as without re-runs."""
+        current = (grads.loss, grads.grad_norm)
+        if grads.attempt > 0:
+            previous = self.attempts[-1]
+            if self._agree(previous, current):
+                self.attempts = []
+                if verdict.spike:
+                    self.detector.record(*current, accepted=False)
+                    return Decision(skip=f"{verdict.reason} (reproduced by a re-run)")
+                return None
+            self._log_transient(trainer, grads.step, grads.attempt, previous, current)
+        if not verdict.spike:
+            return None
+        if grads.attempt >= self.cfg.rerun_attempts:
+            self.detector.record(*current, accepted=False)
+            return Decision(skip=f"{verdict.reason}; {grads.attempt + 1} computations of the "
+                                 "step gave different results")
+        self.attempts.append(current)
+        return Decision(rerun=verdict.reason)
+
+    def _agree(self, first: tuple[float, float], second: tuple[float, float]) -> bool:
+        return (results_agree(first[0], second[0], self.cfg.rerun_tolerance)
+                and results_agree(first[1], second[1], self.cfg.rerun_grad_tolerance))
+
+    def _log_transient(self, trainer, step: int, attempt: int, first: tuple[float, float],
+                       second: tuple[float, float]) -> None:
+        self.transient_faults.append(step)
+        log.warning("step %d: a re-run gave loss %.6g / grad norm %.6g instead of %.6g / %.6g: "
+                    "a transient fault; using the re-run's result", step, second[0], second[1],
+                    first[0], first[1])
+        self.logger.event("transient_fault", step=step, rerun=attempt, loss=first[0],
+                          grad_norm=first[1], rerun_loss=second[0], rerun_grad_norm=second[1])
 
     def after_step(self, trainer, result) -> Decision | None:
         if result.skip_reason is None or not result.computed:
@@ -138,11 +200,13 @@ class SkipBatchesCallback(Callback):
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         return {"detector": self.detector.state_dict(),
+                "transient_faults": list(self.transient_faults),
                 "rollback_windows": sorted(self.rollback_windows),
                 "deferred": {str(k): v for k, v in self.deferred.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.detector.load_state_dict(state.get("detector", {}))
+        self.transient_faults = list(state.get("transient_faults", []))
         self.rollback_windows = set(state.get("rollback_windows", []))
         self.deferred = {int(k): v for k, v in state.get("deferred", {}).items()}
 

@@ -1,16 +1,34 @@
-"""Loss-spike detection: the rule, kept free of training state so it is easy to test.
+"""Loss-spike detection: the rules, kept free of training state so they are easy to test.
 
-Rules from the field, all configurable (``spike.rule``, ``spike.threshold``, ``spike.window``):
+Rules (``spike.rule``, with ``spike.threshold`` = k and ``spike.window``):
 
-- ``zscore`` (default, OLMo-core's): a value above mean + k*std of the last ``window`` accepted
-  values (k = 6, window = 128).
+- ``zscore`` (default): one-sided, a value above mean + k*std (sample std) of the last
+  ``window`` *accepted* values (k = 6, window = 128), once ``min_history`` accepted values are
+  in. A skipped step never enters the history, so a burst cannot raise its own threshold, and a
+  value far *below* the mean (a loss that drops suddenly) is never a spike. It is modelled on
+  OLMo-core's rule but is not it: see ``olmo``.
+- ``olmo``: OLMo-core's exact rule (``olmo_core.optim.SkipStepOptimizer.get_step_factor``,
+  ``sigma_factor`` = k, ``rolling_interval_length`` = window): two-sided, |value - mean| / std
+  > k, where mean and std (sample std) are over up to ``window`` previous values of *every*
+  computed step, the skipped ones included; no test until the history holds
+  max(20, window // 2) values counting the current one (63 earlier values for window 128).
+  ``min_history`` does not apply, and a window below 19 would never test (config validation
+  refuses it). As there, a constant history (std 0) makes every value a spike
+  (0/0 is NaN, and NaN is not <= k). One departure: a non-finite value is a spike and never
+  enters the history (in OLMo-core's list one NaN would make every z-score NaN, and so skip
+  every step, until it leaves the window).
 - ``ema_ratio`` (llm-foundry's loss-spike callback compares with 2x a running mean): above k
-  times an exponential moving average.
-- ``max_ratio`` (Megatron-LM's check): above k times the largest recent value (k = 10).
+  times an exponential moving average of accepted values.
+- ``max_ratio``: above k times the largest of the last ``window`` accepted values (k = 10).
+  A rolling variant of Megatron's check; the exact one is ``megatron``.
+- ``megatron``: Megatron-LM's ``RerunStateMachine.is_unexpectedly_large`` (``--check-for-
+  spiky-loss``, threshold 10): |value| >= k times the largest |value| of the first
+  ``megatron_samples`` (100) computed steps; those first steps are never spikes, and the
+  maximum is never updated afterwards. Set ``spike.threshold=10`` for Megatron's factor.
 
-Non-finite values are always spikes. Nothing is declared before ``min_history`` accepted values,
-and only accepted (non-skipped) values enter the history, so a spike cannot inflate its own
-threshold. The decision uses values already reduced across ranks, so every rank agrees.
+Non-finite values are always spikes. The decision uses values already reduced across ranks,
+so every rank agrees. ``spike.rerun`` (``callbacks/skipping.py``) re-runs a flagged step to tell
+a transient fault from a real spike, as Megatron's re-run state machine does.
 """
 
 from __future__ import annotations
@@ -21,6 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestration.config import SpikeConfig
+
+#: Rules whose history records every computed step, skipped or not (the others: accepted only).
+RECORDS_SKIPPED = ("olmo", "megatron")
 
 
 @dataclass
@@ -38,39 +59,89 @@ class SeriesMonitor:
         self.cfg = cfg
         self.history: deque[float] = deque(maxlen=cfg.window)
         self.ema: float | None = None
+        self.first_max: float = 0.0  # megatron: max |value| of the first samples
+        self.first_count: int = 0
+
+    def olmo_warm(self) -> bool:
+        """OLMo-core tests once its list (previous values + the current one) holds
+        max(20, window // 2) values."""
+        return len(self.history) + 1 >= max(20, self.cfg.window // 2)
 
     def threshold(self) -> float:
+        """The value above which the current one is a spike (inf: none is yet). For ``olmo``
+        the upper edge of the two-sided band (the lower one is mean - k*std)."""
+        if self.cfg.rule == "megatron":
+            if self.first_count < self.cfg.megatron_samples:
+                return math.inf
+            return self.cfg.threshold * self.first_max
+        if self.cfg.rule == "olmo":
+            if not self.olmo_warm() or len(self.history) < 2:
+                return math.inf
+            mean, std = _mean_std(list(self.history))
+            return mean + self.cfg.threshold * std
         if len(self.history) < max(self.cfg.min_history, 2):
             return math.inf
         values = list(self.history)
         if self.cfg.rule == "zscore":
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            mean, std = _mean_std(values)
             return mean + self.cfg.threshold * std
         if self.cfg.rule == "ema_ratio":
             return self.cfg.threshold * (self.ema if self.ema is not None else values[-1])
         return self.cfg.threshold * max(values)
 
     def check(self, value: float) -> Verdict:
+        """Is ``value`` a spike? Pure: the history changes only in :meth:`record`."""
         limit = self.threshold()
         if not math.isfinite(value):
             return Verdict(True, f"{self.name} is {value}", limit)
+        if self.cfg.rule == "olmo":
+            return self._check_olmo(value, limit)
+        if self.cfg.rule == "megatron":
+            if abs(value) >= limit:
+                return Verdict(True, f"{self.name} {value:.4g} >= megatron threshold {limit:.4g} "
+                                     f"({self.cfg.threshold:g} x max of the first "
+                                     f"{self.cfg.megatron_samples})", limit)
+            return Verdict(False, None, limit)
         if value > limit:
             return Verdict(True, f"{self.name} {value:.4g} > {self.cfg.rule} threshold "
                                  f"{limit:.4g}", limit)
         return Verdict(False, None, limit)
 
-    def accept(self, value: float) -> None:
+    def _check_olmo(self, value: float, limit: float) -> Verdict:
+        if math.isinf(limit):  # warming up
+            return Verdict(False, None, limit)
+        mean, std = _mean_std(list(self.history))
+        deviation = abs(value - mean)
+        z = deviation / std if std > 0 else (math.inf if deviation > 0 else math.nan)
+        if z <= self.cfg.threshold:
+            return Verdict(False, None, limit)
+        return Verdict(True, f"{self.name} {value:.4g}: |z| = {z:.3g} > {self.cfg.threshold:g} "
+                             f"(olmo, mean {mean:.4g}, std {std:.3g})", limit)
+
+    def record(self, value: float, accepted: bool) -> None:
+        """Enter a computed step's value: rules in :data:`RECORDS_SKIPPED` take every finite
+        value, the others only accepted ones."""
+        if not math.isfinite(value) or not (accepted or self.cfg.rule in RECORDS_SKIPPED):
+            return
         self.history.append(value)
         decay = self.cfg.ema_decay
         self.ema = value if self.ema is None else decay * self.ema + (1 - decay) * value
+        if self.first_count < self.cfg.megatron_samples:
+            self.first_count += 1
+            self.first_max = max(self.first_max, abs(value))
+
+    def accept(self, value: float) -> None:
+        self.record(value, accepted=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "ema": self.ema}
+        return {"history": list(self.history), "ema": self.ema, "first_max": self.first_max,
+                "first_count": self.first_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = deque(state.get("history", []), maxlen=self.cfg.window)
         self.ema = state.get("ema")
+        self.first_max = state.get("first_max", 0.0)
+        self.first_count = state.get("first_count", 0)
 
 
 class SpikeDetector:
@@ -89,8 +160,12 @@ class SpikeDetector:
         return verdict
 
     def accept(self, loss: float, grad_norm: float) -> None:
-        self.loss.accept(loss)
-        self.grad_norm.accept(grad_norm)
+        self.record(loss, grad_norm, accepted=True)
+
+    def record(self, loss: float, grad_norm: float, accepted: bool) -> None:
+        """A computed step's values, accepted or skipped (see :meth:`SeriesMonitor.record`)."""
+        self.loss.record(loss, accepted)
+        self.grad_norm.record(grad_norm, accepted)
 
     def record_skip(self, step: int) -> bool:
         """Note a skip at ``step``; True when skips within the window call for escalation."""
@@ -107,6 +182,22 @@ class SpikeDetector:
         self.loss.load_state_dict(state.get("loss", {}))
         self.grad_norm.load_state_dict(state.get("grad_norm", {}))
         self.recent_skips = list(state.get("recent_skips", []))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (Bessel's correction, as ``torch.std_mean``)."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def results_agree(first: float, second: float, tolerance: float) -> bool:
+    """Megatron's ``_compare_floats``: equal (NaN equals NaN), or a relative difference
+    |a - b| / |(a + b) / 2| within ``tolerance``; NaN or inf against a finite value never agrees."""
+    if first == second or (math.isnan(first) and math.isnan(second)):
+        return True
+    if not (math.isfinite(first) and math.isfinite(second)) or first + second == 0:
+        return False
+    return abs((first - second) / (first + second) * 2) <= tolerance
 
 
 def parse_step_ranges(specs: list[str]) -> set[int]:

@@ -156,12 +156,17 @@ class StageConfig:
 class SpikeConfig:
     """Skip a batch whose loss or grad norm spikes or is NaN/Inf (see orchestration/callbacks/spike_rules.py).
 
-    Default rule is OLMo-core's: skip when the loss or the grad norm exceeds the mean plus 6
-    standard deviations of the last 128 accepted steps, once at least half the window is seen.
+    The default rule (``zscore``) skips when the loss or the grad norm exceeds the mean plus 6
+    standard deviations of the last 128 accepted steps, once 64 are in: one-sided, and skipped
+    steps stay out of the history. ``olmo`` is OLMo-core's exact rule (two-sided, every step
+    counts), ``megatron`` Megatron-LM's (10x the max of the first 100 values).
+    ``rerun`` re-runs a flagged step on the same batch and RNG state, as Megatron-LM's re-run
+    state machine does: a result that reproduces is a real spike (skipped), one that does not
+    was a transient fault (logged; the re-run's result is used).
     """
 
     enabled: bool = True
-    rule: str = "zscore"  # zscore (mean + k*std) | ema_ratio (k x EMA) | max_ratio (k x max)
+    rule: str = "zscore"  # zscore | olmo | ema_ratio | max_ratio | megatron (spike_rules.py)
     window: int = 128
     threshold: float = 6.0
     min_history: int = 64  # no spike is declared before this many accepted steps
@@ -174,7 +179,14 @@ class SpikeConfig:
     # training_end needs every stage to have the same global batch and sequence length.
     defer_to: str = "stage_end"  # stage_end | training_end
     skip_steps: list[str] = field(default_factory=list)  # "120", "300-340": never computed
-    inject: dict[str, str] = field(default_factory=dict)  # {"150": "nan" | "spike"} for drills
+    # drills: {"150": "nan" | "spike"} hit the step's first computation only (a transient
+    # fault: a re-run does not see it); "bad_batch" (x1000) hits every computation of it
+    inject: dict[str, str] = field(default_factory=dict)
+    megatron_samples: int = 100  # rule megatron: the max is taken over this many first values
+    rerun: bool = False  # re-run a flagged step to tell a transient fault from a real spike
+    rerun_attempts: int = 1  # re-runs per step (Megatron: 1, in place; the loop allows 8)
+    rerun_tolerance: float = 0.0  # relative loss difference under which two runs agree
+    rerun_grad_tolerance: float = 1e-3  # the same for the grad norm (Megatron: 0.1%)
 
 
 @dataclass

@@ -27,7 +27,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Fail fast, naming keys, on combinations the kernels or the parallel layout can't run."""
     errors = _model_errors(cfg.model, cfg.parallel) + _batch_errors(cfg, world_size)
     errors += _choice_errors(cfg) + _checkpoint_errors(cfg) + _data_errors(cfg)
-    errors += _schedule_errors(cfg)
+    errors += _schedule_errors(cfg) + _spike_errors(cfg)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
@@ -71,6 +71,23 @@ def _data_errors(cfg: RunConfig) -> list[str]:
         errors.append("spike.defer_to=training_end moves batches across stages, which a "
                       "batch-size ramp (train/stages rampup_batch_size) makes of different "
                       "sizes; use spike.defer_to=stage_end with a ramp")
+    return errors
+
+
+def _spike_errors(cfg: RunConfig) -> list[str]:
+    spike, errors = cfg.spike, []
+    if spike.rerun_attempts < 1:
+        errors.append(f"spike.rerun_attempts={spike.rerun_attempts} must be at least 1")
+    for key in ("rerun_tolerance", "rerun_grad_tolerance"):
+        if getattr(spike, key) < 0:
+            errors.append(f"spike.{key}={getattr(spike, key)} must be >= 0")
+    if spike.rule == "olmo" and spike.window < 19:
+        errors.append(f"spike.window={spike.window} with spike.rule=olmo: OLMo-core's rule tests "
+                      "only once max(20, window // 2) values are in, which a window below 19 "
+                      "never holds")
+    bad = {k: v for k, v in spike.inject.items() if v not in ("nan", "spike", "bad_batch")}
+    if bad:
+        errors.append(f"spike.inject={bad}: each value must be 'nan', 'spike' or 'bad_batch'")
     return errors
 
 
@@ -179,7 +196,7 @@ _CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "runtime.device": ("auto", "cuda", "cpu"),
-    "spike.rule": ("zscore", "ema_ratio", "max_ratio"),
+    "spike.rule": ("zscore", "olmo", "ema_ratio", "max_ratio", "megatron"),
     "spike.on_escalation": ("stop", "rollback_skip", "rollback_defer", "none"),
     "spike.defer_to": ("stage_end", "training_end"),
 }

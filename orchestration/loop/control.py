@@ -29,7 +29,13 @@ class Decision:
 
     - ``skip``: ``before_step``: skip the batch without computing it; ``pre_optim_step``: drop
       the update (the LR and the data position still move on).
-    - ``loss_scale``: ``before_step``: multiply this step's loss (fault drills).
+    - ``loss_scale``: ``before_step``: multiply this step's loss in every computation of it,
+      re-runs included (a drill of a bad batch).
+    - ``fault_scale``: ``before_step``: multiply the loss of the step's first computation only
+      (a drill of a transient fault, e.g. a flipped bit: a re-run does not see it).
+    - ``rerun``: ``pre_optim_step``: drop this computation's gradients and compute the step
+      again on the same batch from the same RNG state; ``pre_optim_step`` then sees the re-run
+      (``Gradients.attempt`` counts them). Ignored when the step is skipped anyway.
     - ``save``: save a checkpoint after this step.
     - ``stop``: stop after this step (a checkpoint is saved first); ``failed`` marks the stop as
       a failure, which the command reports with a non-zero exit.
@@ -42,6 +48,8 @@ class Decision:
     stop: str | None = None
     failed: bool = False
     rollback: RollbackRequest | None = None
+    fault_scale: float | None = None
+    rerun: str | None = None
 
 
 @dataclass
@@ -54,6 +62,8 @@ class Control:
     stop: str | None = None
     failed: bool = False
     rollback: RollbackRequest | None = None
+    fault_scale: float = 1.0
+    rerun: str | None = None
 
     def merge(self, decision: Decision | None) -> None:
         if decision is None:
@@ -61,6 +71,9 @@ class Control:
         self.skip = self.skip or decision.skip
         if decision.loss_scale is not None:
             self.loss_scale *= decision.loss_scale
+        if decision.fault_scale is not None:
+            self.fault_scale *= decision.fault_scale
+        self.rerun = self.rerun or decision.rerun
         self.save = self.save or decision.save
         if decision.stop and self.stop is None:
             self.stop, self.failed = decision.stop, decision.failed
@@ -69,6 +82,11 @@ class Control:
     def reset_step(self) -> None:
         """Forget the per-step decisions; a stop request stays until the loop acts on it."""
         self.skip, self.loss_scale, self.save, self.rollback = None, 1.0, False, None
+        self.fault_scale, self.rerun = 1.0, None
+
+    def start_rerun(self) -> None:
+        """Before a re-run: its request is being served, and a transient fault is not repeated."""
+        self.rerun, self.fault_scale = None, 1.0
 
 
 @dataclass

@@ -3,9 +3,11 @@
 One step (``run_step``) is: ``before_step`` (a callback may skip the batch without computing
 it) -> Megatron's schedule over this rank's micro-batches -> one all-reduce of [loss, tokens,
 stop vote] -> ``guarded_step``, whose ``pre_optim_step`` hook sees the reduced gradients and
-may drop the update -> ``after_step`` -> the loop acts on the step's merged
-:class:`~orchestration.loop.control.Control`: save, roll back or stop. Everything a resumed run
-needs is a function of the global step plus what the callbacks store in the checkpoint.
+may drop the update or ask for a re-run of the step (the schedule again on the same batch
+from the same RNG state, then ``pre_optim_step`` again) -> ``after_step`` -> the loop acts on
+the step's merged :class:`~orchestration.loop.control.Control`: save, roll back or stop.
+Everything a resumed run needs is a function of the global step plus what the callbacks store
+in the checkpoint.
 Steps are 1-based (``orchestration/loop/stages.py``): ``self.step`` is the last step done.
 """
 
@@ -23,7 +25,13 @@ import torch.distributed as dist
 from megatron_patches.checkpointing import AsyncSaver
 from megatron_patches.guarded_step import guarded_step
 from megatron_patches.optimizer import apply_lr, zero_grads
-from megatron_patches.parallel import comm_device, data_parallel_rank, data_parallel_size
+from megatron_patches.parallel import (
+    comm_device,
+    data_parallel_rank,
+    data_parallel_size,
+    restore_rng_state,
+    rng_state,
+)
 from megatron_patches.schedule import ForwardBackward
 from orchestration.callbacks.base import Callback, CallbackList, Gradients
 from orchestration.checkpoint import store
@@ -51,6 +59,7 @@ from orchestration.loop.stages import (
 )
 
 log = logging.getLogger(__name__)
+MAX_RERUNS = 8  # per step, whatever the callbacks ask (spike.rerun_attempts is 1 by default)
 
 
 class Trainer:
@@ -317,19 +326,39 @@ class Trainer:
             return StepResult(step, stage, batch, float("nan"), float("nan"), lr, False,
                               self.control.skip, False, time.perf_counter() - t0,
                               batch_stage=data_stage)
-        loss, extra = self._forward_backward_loss(self.train_data(data_stage), batch)
-        outcome = guarded_step(self.session.optimizer, lambda g: self._pre_optim(step, loss, g))
+        dataset = self.train_data(data_stage)
+        rng = rng_state()  # what a re-run restores; ~0.1 ms on CPU, no device sync
+        (loss, extra), attempt = self._forward_backward_loss(dataset, batch), 0
+        while True:
+            outcome = guarded_step(self.session.optimizer,
+                                   functools.partial(self._pre_optim, step, loss, attempt))
+            if self.control.rerun is None or self.control.skip is not None:
+                break
+            if attempt == MAX_RERUNS:  # a callback that never stops asking: skip, loudly
+                self.control.merge(Decision(skip=f"{MAX_RERUNS} re-runs did not settle step "
+                                                 f"{step}: {self.control.rerun}"))
+                break
+            attempt += 1
+            log.warning("step %d: re-running it (re-run %d) on the same batch: %s", step,
+                        attempt, self.control.rerun)
+            self.control.start_rerun()
+            restore_rng_state(rng)
+            loss, extra = self._forward_backward_loss(dataset, batch)
         reason = self.control.skip or (None if outcome.updated else "non-finite gradients")
         self.last_loss = loss
+        if attempt:
+            extra = {**extra, "reruns": attempt}
         return StepResult(step, stage, batch, loss, outcome.grad_norm, lr, outcome.updated,
                           reason, True, time.perf_counter() - t0, extra,
                           batch_stage=data_stage)
 
-    def _pre_optim(self, step: int, loss: float, grad_norm: float) -> bool:
-        """``guarded_step``'s veto: the callbacks' ``pre_optim_step`` decisions."""
-        grads = Gradients(step, loss, grad_norm, self.session.optimizer, self.model_chunks)
+    def _pre_optim(self, step: int, loss: float, attempt: int, grad_norm: float) -> bool:
+        """``guarded_step``'s veto: the callbacks' ``pre_optim_step`` decisions (a skip, or a
+        request to re-run the step, which ``_train_step`` acts on)."""
+        grads = Gradients(step, loss, grad_norm, self.session.optimizer, self.model_chunks,
+                          attempt)
         self._merge(self.callbacks.pre_optim_step(self, grads))
-        return self.control.skip is not None
+        return self.control.skip is not None or self.control.rerun is not None
 
     def _forward_backward_loss(self, dataset, batch: int) -> tuple[float, dict]:
         """The step's global LM loss, and the z-loss (``extra``) when it is on."""
@@ -373,7 +402,8 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         batch = {k: v.to(comm_device(), non_blocking=True) for k, v in next(data_iterator).items()}
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, functools.partial(_masked_loss, batch["loss_mask"], self.control.loss_scale,
+        scale = self.control.loss_scale * self.control.fault_scale
+        return output, functools.partial(_masked_loss, batch["loss_mask"], scale,
                                          self.cfg.train.z_loss_coeff)
 
 
