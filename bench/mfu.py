@@ -118,10 +118,8 @@ def run_one(a: argparse.Namespace) -> dict:
             "tokens_per_s": tokens_per_s(a.global_batch_size, a.seq_length, s.median),
         }
         if a.device == "cuda":
-            from megatron_patches.llama_spec import transformer_engine_available
-
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            row["spec"] = "TE" if transformer_engine_available() else "local (no TE)"
+        row["spec"] = objects.mc.layer_spec
         return row
 
 

@@ -21,8 +21,13 @@ import torch.distributed as dist
 
 from megatron_patches.checkpointing import AsyncSaver
 from megatron_patches.guarded_step import guarded_step
-from megatron_patches.optimizer import apply_lr, zero_grads
-from megatron_patches.parallel import comm_device, data_parallel_rank, data_parallel_size
+from megatron_patches.optimizer import apply_lr, params_gathered, zero_grads
+from megatron_patches.parallel import (
+    comm_device,
+    data_parallel_rank,
+    data_parallel_size,
+    slice_for_context_parallel,
+)
 from megatron_patches.schedule import ForwardBackward
 from orchestration.callbacks.base import Callback, CallbackList, Gradients
 from orchestration.checkpoint import store
@@ -37,7 +42,9 @@ from orchestration.config import RunConfig, to_dict
 from orchestration.data.batches import BatchLayout, microbatches
 from orchestration.data.datasets import StageDatasets
 from orchestration.loop.control import Control, Decision, RollbackRequest, StepResult
+from orchestration.loop.host_copy import HostCopy
 from orchestration.loop.lr import lr_for_step, weight_decay_for_step
+from orchestration.loop.manual_gc import manual_gc
 from orchestration.loop.session import TrainingSession
 from orchestration.loop.stages import Stage, consumed_tokens, stage_at, total_steps
 
@@ -64,6 +71,9 @@ class Trainer:
         self.saver = AsyncSaver() if cfg.checkpoint.async_save else None
         self._last_saved: int | None = None
         self.heartbeat = Heartbeat(self.run_dir, dist.get_rank())
+        self._totals = HostCopy(3, torch.float64, comm_device())  # [loss sum, tokens, stop]
+        self._vote: str | None = None
+        self._read = True
 
     @property
     def model_chunks(self) -> list:
@@ -87,8 +97,10 @@ class Trainer:
             return []
         results = []
         end = total_steps(self.stages)
-        while self.step < end and self.control.stop is None:
-            results.append(self.run_step())
+        with manual_gc(self.cfg.runtime.manual_gc_interval) as collect:
+            while self.step < end and self.control.stop is None:
+                results.append(self.run_step())
+                collect(self.step)
         self.finalize_checkpoints(blocking=True)  # requeue/exit only with the last save complete
         self.callbacks.on_fit_end(self)
         return results
@@ -122,7 +134,7 @@ class Trainer:
         for chunk in self.model_chunks:
             chunk.eval()
         total = torch.zeros(2, dtype=torch.float64, device=comm_device())
-        with torch.no_grad():
+        with torch.no_grad(), params_gathered(self.model_chunks):
             for i in range(iters):
                 total += self._loss_sum(i, target, forward_only=True)
         for chunk in self.model_chunks:
@@ -139,10 +151,11 @@ class Trainer:
                  "stage": self.stage.name if self.stage else None,
                  "callbacks": self.callbacks.state_dict()}
         t0 = time.perf_counter()
-        path = store.save(checkpoint_dir(self.run_dir), self.step, self.session.model,
-                          self.session.optimizer, state, self.cfg.checkpoint.keep_last,
-                          self.saver, shape_config(to_dict(self.cfg)),
-                          self.cfg.checkpoint.keep_every)
+        with params_gathered(self.model_chunks):  # overlapped gathers complete: fresh weights
+            path = store.save(checkpoint_dir(self.run_dir), self.step, self.session.model,
+                              self.session.optimizer, state, self.cfg.checkpoint.keep_last,
+                              self.saver, shape_config(to_dict(self.cfg)),
+                              self.cfg.checkpoint.keep_every)
         self._last_saved = self.step
         log.info("%s %s in %.2fs", "scheduled (writing in the background)"
                  if self.saver is not None else "saved", path, time.perf_counter() - t0)
@@ -257,8 +270,10 @@ class Trainer:
         if self.control.skip is not None:  # skipped without computing: replay, configured
             return StepResult(step, stage, batch, float("nan"), float("nan"), lr, False,
                               self.control.skip, False, time.perf_counter() - t0)
-        loss = self._forward_backward_loss(batch)
-        outcome = guarded_step(self.session.optimizer, lambda g: self._pre_optim(step, loss, g))
+        self._forward_backward(batch)
+        outcome = guarded_step(self.session.optimizer,
+                               lambda g: self._pre_optim(step, self._step_loss(), g))
+        loss = self._step_loss()
         reason = self.control.skip or (None if outcome.updated else "non-finite gradients")
         self.last_loss = loss
         return StepResult(step, stage, batch, loss, outcome.grad_norm, lr, outcome.updated,
@@ -270,22 +285,30 @@ class Trainer:
         self._merge(self.callbacks.pre_optim_step(self, grads))
         return self.control.skip is not None
 
-    def _forward_backward_loss(self, batch: int) -> float:
+    def _forward_backward(self, batch: int) -> None:
+        """The schedule, then one all-reduce of [loss sum, tokens, stop vote] whose result is
+        copied to the host without a sync: it is read (``_step_loss``) after the grad-norm
+        sync Megatron's step makes anyway, so a step has the bare loop's one host sync."""
         zero_grads(self.model_chunks, self.session.optimizer)
         self.heartbeat.beat(self.step + 1, "schedule")
         total = self._loss_sum(batch, self.data.train, forward_only=False)
-        # The one collective (and host sync) per step: the global loss for the skip decision,
-        # plus any rank's stop vote (SIGUSR1/SIGTERM), so that every rank stops together.
-        vote = self.callbacks.poll_stop(self)
+        # Any rank's stop vote (SIGUSR1/SIGTERM) rides on the loss all-reduce, so every rank
+        # stops after the same step. new_full fills on the device (no host->device copy).
+        self._vote = self.callbacks.poll_stop(self)
         self.heartbeat.beat(self.step + 1, "all-reduce")
-        # new_full fills on the device; torch.tensor(..., device=) would be a blocking
-        # host->device copy, a second stream sync per step (docs/benchmarks.md, step overhead).
-        total = torch.cat([total, total.new_full((1,), 1.0 if vote else 0.0)])
+        total = torch.cat([total, total.new_full((1,), 1.0 if self._vote else 0.0)])
         dist.all_reduce(total)
-        loss_sum, count, stop = total.tolist()
-        if stop and self.control.stop is None:
-            self.control.merge(Decision(stop=vote or "stop requested on another rank"))
-            self.stopped_by_vote = True
+        self._totals.start(total)
+        self._read = False
+
+    def _step_loss(self) -> float:
+        """The step's global mean loss; on first read also acts on the stop vote."""
+        loss_sum, count, stop = self._totals.values()
+        if not self._read:
+            self._read = True
+            if stop and self.control.stop is None:
+                self.control.merge(Decision(stop=self._vote or "stop requested on another rank"))
+                self.stopped_by_vote = True
         return loss_sum / count if count else float("nan")
 
     def _loss_sum(self, batch: int, dataset, forward_only: bool) -> torch.Tensor:
@@ -301,6 +324,7 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = {k: v.to(comm_device(), non_blocking=True) for k, v in next(data_iterator).items()}
+        batch = slice_for_context_parallel(batch)  # this rank's part of each sequence (CP > 1)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, functools.partial(_masked_loss, batch["loss_mask"], self.control.loss_scale)
 
