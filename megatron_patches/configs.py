@@ -71,13 +71,15 @@ def resolve_precision(precision: str, on_cpu: bool) -> str:
 
 
 def _setting(key: str, requested: bool | None, available: bool, missing: str,
-             reasons: dict[str, str]) -> bool:
-    """``requested`` (null: whether ``available``); asking for a missing kernel is an error."""
+             reasons: dict[str, str], default: bool | None = None) -> bool:
+    """``requested``, or when null ``default`` (itself defaulting to ``available``); asking for
+    what the platform lacks is an error."""
     if requested is True and not available:
         raise ConfigError(f"{key}=true but {missing}")
-    on = available if requested is None else requested
+    default = available if default is None else default and available
+    on = default if requested is None else requested
     how = "set in the config" if requested is not None else (
-        "default where available" if available else f"off: {missing}")
+        "default on a GPU job" if on else missing)
     reasons[key] = f"{'on' if on else 'off'} ({how})"
     return on
 
@@ -96,12 +98,14 @@ def gpu_defaults(cfg: RunConfig, platform: Platform, layer_spec: str) -> GpuPath
     ce_ok = cuda and (te or f.cross_entropy_impl == "native")
     ce = _setting("fusions.cross_entropy", f.cross_entropy, ce_ok,
                   no_cuda if not cuda else "impl te needs Transformer Engine", why)
-    grad_overlap = _setting("parallel.overlap_grad_reduce", p.overlap_grad_reduce, cuda,
-                            no_cuda, why)
-    gather_ok = cuda and p.distributed_optimizer and grad_overlap
+    # The overlaps are communication scheduling, not kernels: they run on gloo too (tested on
+    # CPU), but are a GPU job's default only.
+    grad_overlap = _setting("parallel.overlap_grad_reduce", p.overlap_grad_reduce, True, no_cuda,
+                            why, default=cuda)
+    gather_ok = p.distributed_optimizer and grad_overlap
     gather = _setting("parallel.overlap_param_gather", p.overlap_param_gather, gather_ok,
-                      no_cuda if not cuda else "needs the distributed optimizer and "
-                      "overlap_grad_reduce", why)
+                      no_cuda if gather_ok else "needs the distributed optimizer and "
+                      "overlap_grad_reduce", why, default=cuda)
     # Only the interleaved (virtual-pipeline) schedule launches aligned gathers; elsewhere the
     # forward hooks would wait on each bucket unoverlapped, so Megatron-LM turns it off there.
     align = _setting("parallel.align_param_gather", p.align_param_gather, False,
