@@ -4,7 +4,7 @@
 
 Why: the driver adds a loop around Megatron (LR schedule, callbacks, the skip-decision
 all-reduce, a vetoable optimizer step, JSONL metrics). It must cost next to nothing next to
-the step itself and add no host-device sync beyond the one the skip decision needs.
+the step itself and add no host-device sync to the bare loop's one (Megatron's grad norm).
 
 Both loops use the same objects from one ``build_session(cfg)`` (a one-rank gloo world on
 CPU) and read the same global batches through ``orchestration.data.microbatches``:
@@ -46,6 +46,7 @@ from bench.common import (  # noqa: E402
 )
 from megatron_patches.parallel import comm_device  # noqa: E402
 from orchestration.data.batches import microbatches  # noqa: E402
+from orchestration.loop.host_copy import HostCopy  # noqa: E402
 
 NEVER = 10**9  # an eval/checkpoint interval that does not fire
 
@@ -144,19 +145,21 @@ def driver_parts(trainer, result, last_step: int, calls: int = 400) -> None:
         t.callbacks.before_step(t, step)
         t.batch_for_step(step)
 
-    def skip_reduce() -> None:  # trainer._forward_backward_loss after the schedule
+    host = HostCopy(3, torch.float64, comm_device())
+
+    def skip_reduce() -> None:  # trainer._forward_backward after the schedule, and the read
         total = torch.zeros(2, dtype=torch.float64, device=comm_device())
-        flags = torch.tensor([0.0], dtype=total.dtype, device=total.device)
-        total = torch.cat([total, flags])
+        total = torch.cat([total, total.new_full((1,), 0.0)])
         dist.all_reduce(total)
-        total.tolist()
+        host.start(total)
+        host.values()
 
     def after(cb) -> None:
         cb.after_step(t, dataclasses.replace(result, step=next(steps) % last_step + 1))
 
     parts = {
         "pre-step bookkeeping (LR, WD, before_step, remap)": bookkeeping,
-        "skip-decision reduce (tensor, cat, all_reduce, tolist)": skip_reduce,
+        "skip-decision reduce (cat, all_reduce, copy to host, read)": skip_reduce,
     }
     parts |= {
         f"after_step: {cb.name} ({type(cb).__name__})": functools.partial(after, cb)
