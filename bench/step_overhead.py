@@ -265,6 +265,17 @@ def report(res: dict, a: argparse.Namespace, trainer) -> None:
             print(f"   {n:3d} x {key}{'   [CPU fallback]' if key in counter.cpu_only else ''}")
 
 
+def write_json(path: str, res: dict) -> None:
+    """Per-step medians (wall, ms), the paired driver/bare ratio and the device syncs."""
+    import json
+
+    wall = res["times"]["wall"]
+    out = {f"{name}_ms": statistics.median(v) * 1e3 for name, v in wall.items()}
+    out["paired_ratio"] = statistics.median(paired_ratios(wall["driver"], wall["bare"]))
+    out |= {f"{name}_syncs": c.device_syncs for name, c in res["syncs"].items()}
+    Path(path).write_text(json.dumps(out, indent=1))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -280,6 +291,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
     p.add_argument("--wandb", choices=("disabled", "offline"), default="disabled")
     p.add_argument("--no-parts", action="store_true", help="skip the per-part breakdown")
+    p.add_argument("--json-out", help="write the medians and sync counts to this JSON file")
     p.add_argument(
         "overrides", nargs="*", help="extra Hydra overrides, e.g. parallel.recompute=full"
     )
@@ -301,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build(a, run_dir, max_steps)
         res = measure(a, trainer)
         report(res, a, trainer)
+        if a.json_out:
+            write_json(a.json_out, res)
         if not a.no_parts:
             driver_parts(trainer, res["last"], max_steps - 2)
         trainer.callbacks.on_fit_end(trainer)
