@@ -247,3 +247,17 @@ def test_manual_gc_collects_at_the_interval_and_restores_the_collector():
     assert collected.count("start") == 2  # steps 3 and 6
     with manual_gc(0) as collect:
         assert gc.isenabled()
+
+
+def test_cpu_tools_open_a_gpu_runs_checkpoint_config(megatron_env):
+    """Export/averaging build a local-spec CPU model whatever kernels the run used."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from orchestration.hf.offline import build_cpu_model
+
+    cfg = compose(["model.layer_spec=te", "fusions.rope=true", "fp8.format=hybrid",
+                   "parallel.overlap_grad_reduce=true"])
+    model = build_cpu_model(cfg, saved_tp=1)
+    attention = model.decoder.layers[0].self_attention.core_attention
+    assert isinstance(attention, DotProductAttention)
+    assert model.config.fp8 is None and not model.config.apply_rope_fusion
