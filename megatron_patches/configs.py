@@ -143,6 +143,7 @@ def build_megatron_configs(cfg: RunConfig, on_cpu: bool,
             overlap_grad_reduce=path.overlap_grad_reduce,
             overlap_param_gather=path.overlap_param_gather,
             align_param_gather=path.align_param_gather,
+            fp8_param_gather=cfg.fp8.format is not None and cfg.fp8.param,  # gather fp8 weights
             use_distributed_optimizer=cfg.parallel.distributed_optimizer,
             bucket_size=None if not platform.cuda else 40_000_000,
         ),

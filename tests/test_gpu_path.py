@@ -132,10 +132,12 @@ def test_world_size_counts_context_parallel_ranks():
 
 def test_fp8_context_parallel_and_tp_overlap_reach_megatron():
     cfg = compose(["experiment=k2", "fp8.format=hybrid", "fp8.recipe=tensorwise",
-                   "parallel.context=2", "parallel.cp_comm_type=a2a"])
-    t = gpu_job_configs(cfg).transformer
+                   "fp8.param=true", "parallel.context=2", "parallel.cp_comm_type=a2a"])
+    mc = gpu_job_configs(cfg)
+    t = mc.transformer
     assert (t.fp8, t.fp8_recipe, t.fp8_amax_history_len, t.fp8_amax_compute_algo) == (
         "hybrid", "tensorwise", 1024, "max")
+    assert t.fp8_param and mc.ddp.fp8_param_gather  # Megatron-LM's --fp8-param-gather
     assert (t.context_parallel_size, t.cp_comm_type) == (2, "a2a")
     args = tp_comm_overlap_args(cfg)  # TE's initialize_ub, as Megatron-LM calls it
     assert args["shape"] == [2048 * 4 // 2, 8192] and args["tp_size"] == 8
