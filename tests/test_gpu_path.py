@@ -263,3 +263,32 @@ def test_cpu_tools_open_a_gpu_runs_checkpoint_config(megatron_env):
     attention = model.decoder.layers[0].self_attention.core_attention
     assert isinstance(attention, DotProductAttention)
     assert model.config.fp8 is None and not model.config.apply_rope_fusion
+
+
+CUDA_AND_TE = torch.cuda.is_available() and plat.transformer_engine_import_error() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_AND_TE, reason="needs CUDA and Transformer Engine")
+def test_te_spec_names_printed_without_te_match_the_real_spec(megatron_env):
+    from megatron_patches.llama_spec import TE_SPEC_MODULES, describe_spec, llama_layer_spec
+
+    real = describe_spec(llama_layer_spec("te"))
+    assert {k: v.split()[0] for k, v in TE_SPEC_MODULES.items()} == {
+        k: real[k] for k in TE_SPEC_MODULES}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_copy_does_not_sync_and_reads_the_values():
+    from orchestration.loop.host_copy import HostCopy
+
+    copy = HostCopy(3, torch.float64, torch.device("cuda"))
+    values = torch.tensor([1.5, 2.0, 0.0], dtype=torch.float64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        copy.start(values * 2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert copy.values() == [3.0, 4.0, 0.0]
