@@ -48,6 +48,11 @@ section() { printf '\n==== %s (%s)\n' "$1" "$(date +%T)"; }
 section "versions and layer spec"
 "$PY" bench/gpu_summary.py versions "$OUT_DIR/versions.json" "$DEVICE"
 
+if [[ $DRY_RUN == 0 ]]; then
+  section "GPU-only tests (TE spec names, sync-free loss copy)"
+  "$PY" -m pytest -q -m gpu tests/test_gpu_path.py || echo "GPU tests FAILED (see above)"
+fi
+
 section "MFU grid: $MODEL, best first, both conventions"
 "$PY" bench/mfu.py --device "$DEVICE" --model "$MODEL" "${MFU_ARGS[@]}" \
   --json-out "$OUT_DIR/mfu.json" "${SPEC[@]}"
