@@ -123,12 +123,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps-per-block", type=int, default=8)
     p.add_argument("--reps", type=int, default=6)
     p.add_argument("--small", action="store_true", help="the tiny model as configured")
+    p.add_argument("--json-out", help="write the medians to this JSON file")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     a = p.parse_args(argv)
     if not a.small:
         a.overrides = [*MODEL_25M, *a.overrides]
     print_header("checkpoint stall: synchronous vs async save", " ".join(sys.argv))
-    report(measure(a), a.steps_per_block)
+    result = measure(a)
+    report(result, a.steps_per_block)
+    if a.json_out:
+        write_json(a.json_out, result)
+
+
+def write_json(path: str, r: dict) -> None:
+    """Medians (seconds) of the blocking save call and the cost to training, per writer."""
+    import json
+
+    times = r["times"]
+    out = {"checkpoint_mib": r["size"] / 2**20}
+    for kind in ("sync", "async"):
+        out[f"{kind}_call_s"] = summarize(r["calls"][kind]).median
+        cost = [b - n for b, n in zip(times[kind], times["none"], strict=True)]
+        out[f"{kind}_cost_s"] = summarize(cost).median
+    Path(path).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ MFU is not defined without a GPU peak) to prove the benchmark works end to end.
 Each configuration runs in a fresh process (clean GPU memory, an out-of-memory error is one
 row of the table, not the end of the sweep): warm-up steps, then the median of timed steps.
 MFU = tokens/s x ``orchestration.metrics.flops.flops_per_token`` / peak (model FLOPs: recompute is not
-counted, so recompute shows up as lower MFU, as it should).
+counted, so recompute shows up as lower MFU, as it should), in both attention conventions:
+``full_attn`` (PaLM; Megatron-LM before 2025) and ``causal`` (Megatron-LM's current formula).
+Rows print best first (highest tokens/s); ``--json-out FILE`` writes them for a summary table.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import compose_config, device_sync, print_header, summarize, timed  # noqa: E402
-from orchestration.metrics.flops import PEAK_BF16_FLOPS, flops_per_token, mfu  # noqa: E402
+from orchestration.metrics.flops import (  # noqa: E402
+    PEAK_BF16_FLOPS,
+    flops_per_token_by_convention,
+    mfu,
+)
 
 # LLaMA-3.2-3B's width with head_dim 128 (flash-attention friendly) and GQA 24/8; the layer
 # count is what --largest searches, deepest first.
@@ -94,7 +100,7 @@ def run_one(a: argparse.Namespace) -> dict:
         cfg = compose_config(config_overrides(a, a.one[0], a.one[1], a.layers, run_dir))
         row = {
             "params": parameter_count(cfg.model).total,
-            "flops_per_token": flops_per_token(cfg.model, a.seq_length),
+            "flops_per_token": flops_per_token_by_convention(cfg.model, a.seq_length),
         }
         try:
             objects = build_session(cfg)
@@ -118,10 +124,8 @@ def run_one(a: argparse.Namespace) -> dict:
             "tokens_per_s": tokens_per_s(a.global_batch_size, a.seq_length, s.median),
         }
         if a.device == "cuda":
-            from megatron_patches.llama_spec import transformer_engine_available
-
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            row["spec"] = "TE" if transformer_engine_available() else "local (no TE)"
+        row["spec"] = objects.mc.layer_spec
         return row
 
 
@@ -142,7 +146,8 @@ def sweep(a: argparse.Namespace, layers: int | None, peak: float | None) -> list
         for mbs in a.micro_batch_sizes:
             row = launch(a, mbs, recompute, layers)
             if "tokens_per_s" in row:
-                row["mfu"] = mfu_or_none(row["tokens_per_s"], row["flops_per_token"], peak)
+                row["mfu"] = {name: mfu_or_none(row["tokens_per_s"], flops, peak)
+                              for name, flops in row["flops_per_token"].items()}
             print(format_row(row), flush=True)
             rows.append(row)
     return rows
@@ -171,7 +176,9 @@ def format_row(r: dict) -> str:
         return f"{head}: out of memory"
     if "error" in r:
         return f"{head}: failed: {r['error']}"
-    mfu_text = "MFU n/a on CPU" if r.get("mfu") is None else f"MFU {r['mfu']:.1%}"
+    mfus = r.get("mfu") or {}
+    mfu_text = ("MFU n/a on CPU" if mfus.get("full_attn") is None else
+                f"MFU {mfus['full_attn']:.1%} full-attn / {mfus['causal']:.1%} causal")
     mem = f", peak {r['peak_mem_gib']:.1f} GiB, {r['spec']} spec" if "peak_mem_gib" in r else ""
     return (
         f"{head}: step {r['step_s']:.3f} s (IQR {r['step_q1']:.3f}-{r['step_q3']:.3f}), "
@@ -195,6 +202,7 @@ def run_sweeps(a: argparse.Namespace) -> None:
     peak = peak_flops(a)
     print(f"peak {peak / 1e12:.0f} TFLOP/s bf16" if peak else "CPU: MFU n/a")
     shapes: list[tuple[str, int | None]] = [(a.model, None)]
+    all_rows: list[dict] = []
     if a.largest:
         print("searching the deepest 3072-wide shape that fits (full recompute, mbs 1):")
         layers = find_largest(a)
@@ -204,10 +212,15 @@ def run_sweeps(a: argparse.Namespace) -> None:
             f"\n{name}: seq {a.seq_length}, global batch {a.global_batch_size}, "
             f"{a.precision}, {a.steps} timed steps after {a.warmup} warm-up"
         )
-        ok = [r for r in sweep(a, layers, peak) if "tokens_per_s" in r]
+        rows = sweep(a, layers, peak)
+        ok = sorted((r for r in rows if "tokens_per_s" in r), key=lambda r: -r["tokens_per_s"])
         if ok:
-            best = max(ok, key=lambda r: r["tokens_per_s"])
-            print(f"best for {name} ({params_text(best['params'])} params): {format_row(best)}")
+            print(f"\n{name}, best first ({params_text(ok[0]['params'])} params):")
+            for r in ok + [r for r in rows if "tokens_per_s" not in r]:
+                print(f"   {format_row(r)}")
+        all_rows += [r | {"shape": name} for r in rows]
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(all_rows, indent=1))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -236,6 +249,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="default: from the GPU name")
     p.add_argument("--largest", action="store_true")
+    p.add_argument("--json-out", help="write every row (both MFU conventions) to this JSON file")
     p.add_argument("--one", nargs=2, metavar=("MBS", "RECOMPUTE"), help=argparse.SUPPRESS)
     p.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")

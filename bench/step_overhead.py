@@ -4,7 +4,7 @@
 
 Why: the driver adds a loop around Megatron (LR schedule, callbacks, the skip-decision
 all-reduce, a vetoable optimizer step, JSONL metrics). It must cost next to nothing next to
-the step itself and add no host-device sync beyond the one the skip decision needs.
+the step itself and add no host-device sync to the bare loop's one (Megatron's grad norm).
 
 Both loops use the same objects from one ``build_session(cfg)`` (a one-rank gloo world on
 CPU) and read the same global batches through ``orchestration.data.microbatches``:
@@ -46,6 +46,7 @@ from bench.common import (  # noqa: E402
 )
 from megatron_patches.parallel import comm_device  # noqa: E402
 from orchestration.data.batches import microbatches  # noqa: E402
+from orchestration.loop.host_copy import HostCopy  # noqa: E402
 
 NEVER = 10**9  # an eval/checkpoint interval that does not fire
 
@@ -144,20 +145,22 @@ def driver_parts(trainer, result, last_step: int, calls: int = 400) -> None:
         t.callbacks.before_step(t, step)
         t.batch_for_step(step)
 
-    def skip_reduce() -> None:  # trainer._forward_backward_loss after the schedule
+    host = HostCopy(4, torch.float64, comm_device())
+
+    def skip_reduce() -> None:  # trainer._forward_backward after the schedule, and the read
         # [LM loss sum, tokens, z-loss sum] + the stop vote
         total = torch.zeros(3, dtype=torch.float64, device=comm_device())
-        flags = torch.tensor([0.0], dtype=total.dtype, device=total.device)
-        total = torch.cat([total, flags])
+        total = torch.cat([total, total.new_full((1,), 0.0)])
         dist.all_reduce(total)
-        total.tolist()
+        host.start(total)
+        host.values()
 
     def after(cb) -> None:
         cb.after_step(t, dataclasses.replace(result, step=next(steps) % last_step + 1))
 
     parts = {
         "pre-step bookkeeping (LR, WD, before_step, remap)": bookkeeping,
-        "skip-decision reduce (tensor, cat, all_reduce, tolist)": skip_reduce,
+        "skip-decision reduce (cat, all_reduce, copy to host, read)": skip_reduce,
     }
     parts |= {
         f"after_step: {cb.name} ({type(cb).__name__})": functools.partial(after, cb)
@@ -263,6 +266,17 @@ def report(res: dict, a: argparse.Namespace, trainer) -> None:
             print(f"   {n:3d} x {key}{'   [CPU fallback]' if key in counter.cpu_only else ''}")
 
 
+def write_json(path: str, res: dict) -> None:
+    """Per-step medians (wall, ms), the paired driver/bare ratio and the device syncs."""
+    import json
+
+    wall = res["times"]["wall"]
+    out = {f"{name}_ms": statistics.median(v) * 1e3 for name, v in wall.items()}
+    out["paired_ratio"] = statistics.median(paired_ratios(wall["driver"], wall["bare"]))
+    out |= {f"{name}_syncs": c.device_syncs for name, c in res["syncs"].items()}
+    Path(path).write_text(json.dumps(out, indent=1))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -278,6 +292,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
     p.add_argument("--wandb", choices=("disabled", "offline"), default="disabled")
     p.add_argument("--no-parts", action="store_true", help="skip the per-part breakdown")
+    p.add_argument("--json-out", help="write the medians and sync counts to this JSON file")
     p.add_argument(
         "overrides", nargs="*", help="extra Hydra overrides, e.g. parallel.recompute=full"
     )
@@ -299,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build(a, run_dir, max_steps)
         res = measure(a, trainer)
         report(res, a, trainer)
+        if a.json_out:
+            write_json(a.json_out, res)
         if not a.no_parts:
             driver_parts(trainer, res["last"], max_steps - 2)
         trainer.callbacks.on_fit_end(trainer)

@@ -11,6 +11,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_patches.model import unwrap
+from megatron_patches.optimizer import params_gathered
 from megatron_patches.parallel import comm_device
 
 
@@ -39,7 +40,7 @@ def greedy_generate(
     gpt.eval()
     tokens, new = list(prompt_ids), []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), params_gathered([model]):
             for _ in range(max_new_tokens):
                 next_id = _next_token(gpt, tokens[-gpt.max_sequence_length :], vocab_size)
                 if eod_id is not None and next_id == eod_id:

@@ -3,8 +3,8 @@
 Why a module of our own: the architecture is chosen in two places in Megatron-Core, the layer
 ``ModuleSpec`` (which classes: norm, attention, MLP) and the ``TransformerConfig`` (how they
 behave: RMSNorm vs LayerNorm, gated SiLU, biases, query groups). ``megatron_patches.configs`` sets the
-config; this module picks the classes, with Transformer Engine's fused modules when TE imports
-and Megatron's own local modules otherwise (CPU, or a cluster without TE).
+config; this module picks the classes: Transformer Engine's fused modules (``te``) or Megatron's
+own local modules (``local``: CPU, or a GPU job that asks for them with model.layer_spec=local).
 
 The local spec is written out here rather than taken from ``get_gpt_layer_local_spec`` because
 that function mutates a module global to switch norm classes; ``WrappedTorchNorm`` reads
@@ -13,8 +13,6 @@ that function mutates a module global to switch norm classes; ``WrappedTorchNorm
 """
 
 from __future__ import annotations
-
-import functools
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -28,27 +26,14 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 
-@functools.cache
-def transformer_engine_available() -> bool:
-    """True when Transformer Engine imports with a usable CUDA device."""
-    try:
-        import torch
-        import transformer_engine  # noqa: F401
-        from megatron.core.extensions import transformer_engine as _te  # noqa: F401
-    except Exception:  # TE raises assorted errors without CUDA libraries
-        return False
-    return torch.cuda.is_available()
-
-
-def llama_layer_spec(use_transformer_engine: bool | None = None,
-                     qk_layernorm: bool = False) -> ModuleSpec:
-    """The decoder-layer spec: TE's fused spec when available (or asked for), else local.
+def llama_layer_spec(layer_spec: str, qk_layernorm: bool = False) -> ModuleSpec:
+    """The decoder-layer spec for ``MegatronConfigs.layer_spec``: ``te`` (Transformer Engine's
+    fused modules) or ``local``. Which one a run gets is decided, loudly, by
+    ``megatron_patches.platform.resolve_layer_spec``; nothing here falls back.
     ``qk_layernorm`` normalises queries and keys per head with the model's norm (the
     TransformerConfig's ``qk_layernorm`` must be set too: Megatron then all-reduces their
     gradients across tensor-parallel ranks)."""
-    if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_available()
-    if use_transformer_engine:
+    if layer_spec == "te":
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
@@ -56,7 +41,47 @@ def llama_layer_spec(use_transformer_engine: bool | None = None,
         # TE fuses the pre-attention/pre-MLP norm into the following linear layer and picks
         # RMSNorm vs LayerNorm from config.normalization.
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    if layer_spec != "local":
+        raise ValueError(f"layer spec {layer_spec!r} is not 'te' or 'local'")
     return local_llama_layer_spec(qk_layernorm)
+
+
+#: The modules of Megatron's TE spec (``TESpecProvider``, megatron/core/extensions/
+#: transformer_engine_spec_provider.py), printed by ``--explain`` where TE is not installed;
+#: ``tests/test_gpu_path.py`` checks them against the real spec on a GPU machine.
+TE_SPEC_MODULES = {
+    "input_layernorm": "IdentityOp (fused into linear_qkv)",
+    "self_attention": "SelfAttention (causal)",
+    "self_attention.linear_qkv": "TELayerNormColumnParallelLinear",
+    "self_attention.core_attention": "TEDotProductAttention",
+    "self_attention.linear_proj": "TERowParallelLinear",
+    "pre_mlp_layernorm": "IdentityOp (fused into linear_fc1)",
+    "mlp": "MLP",
+    "mlp.linear_fc1": "TELayerNormColumnParallelLinear",
+    "mlp.linear_fc2": "TERowParallelLinear",
+}
+
+
+def describe_spec(spec: ModuleSpec) -> dict[str, str]:
+    """``{submodule path: class name}`` of a decoder-layer spec, for ``--explain``."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node) -> None:
+        subs = getattr(node, "submodules", None)
+        if subs is None:
+            return
+        for name in getattr(subs, "__dataclass_fields__", {}):
+            value = getattr(subs, name)
+            if value is None:
+                continue
+            module = value.module if isinstance(value, ModuleSpec) else value
+            label = getattr(module, "__name__", type(module).__name__)
+            out[f"{prefix}{name}"] = label
+            if isinstance(value, ModuleSpec):
+                walk(f"{prefix}{name}.", value)
+
+    walk("", spec)
+    return out
 
 
 def local_llama_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:

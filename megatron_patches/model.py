@@ -26,8 +26,7 @@ def build_gpt_model(cfg: RunConfig, mc: MegatronConfigs) -> GPTModel:
         model_class = ZLossGPTModel
     model = model_class(
         config=mc.transformer,
-        transformer_layer_spec=llama_layer_spec(None if not mc.on_cpu else False,
-                                                qk_layernorm=m.qk_layernorm),
+        transformer_layer_spec=llama_layer_spec(mc.layer_spec, qk_layernorm=m.qk_layernorm),
         vocab_size=mc.padded_vocab_size,
         max_sequence_length=m.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

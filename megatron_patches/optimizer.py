@@ -8,6 +8,8 @@ width scaling lives there) and ``wd_mult`` (0 for norms and biases), the fields 
 
 from __future__ import annotations
 
+import contextlib
+
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer.optimizer import ChainedOptimizer
@@ -38,13 +40,16 @@ def param_group_overrides(cfg: RunConfig, mc: MegatronConfigs) -> dict | None:
 def connect_schedule_hooks(mc: MegatronConfigs, model, optimizer, cfg: RunConfig) -> None:
     """What Megatron's pipeline schedules call back into, as Megatron-LM's training.py sets it:
     the data-parallel gradient reduction (plus SP layer-norm and tied-embedding reductions) at
-    the end of the step, loss scaling for fp16, and no-sync while accumulating micro-batches."""
+    the end of the step, loss scaling for fp16, no-sync while accumulating micro-batches and,
+    with overlap, the bucket reductions (``align_grad_reduce``, Megatron-LM's default) and
+    param all-gathers the schedule launches itself (``align_param_gather``)."""
     tc = mc.transformer
     tc.finalize_model_grads_func = finalize_model_grads
     tc.grad_scale_func = optimizer.scale_loss
-    if cfg.parallel.overlap_grad_reduce:
+    if mc.ddp.overlap_grad_reduce:
         tc.no_sync_func = model.no_sync
-    if cfg.parallel.overlap_param_gather:
+        tc.grad_sync_func = model.start_grad_sync
+    if mc.ddp.overlap_param_gather and mc.ddp.align_param_gather:
         tc.param_sync_func = model.start_param_sync
 
 
@@ -60,3 +65,22 @@ def zero_grads(model_chunks: list, optimizer) -> None:
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+
+
+@contextlib.contextmanager
+def params_gathered(model_chunks: list):
+    """Complete the distributed optimizer's overlapped param all-gather for the duration.
+
+    With ``overlap_param_gather`` the updated shards are gathered lazily, in the next step's
+    forward pre-hooks, so between steps a rank's full parameters are stale. Saving, evaluating
+    or sampling must first gather them, as Megatron-LM does around ``save_checkpoint`` and
+    ``evaluate`` (``disable_forward_pre_hook`` with a forced sync, then ``enable_``).
+    """
+    hooked = [c for c in model_chunks if getattr(c, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()

@@ -22,11 +22,50 @@ from megatron.core.tensor_parallel.random import (
 from megatron_patches import cpu_compat
 
 
-def init_model_parallel(tensor: int, pipeline: int, timeout_s: float) -> None:
-    """Megatron's TP/PP/DP groups over the (already initialised) default process group."""
+def init_model_parallel(tensor: int, pipeline: int, timeout_s: float, context: int = 1) -> None:
+    """Megatron's TP/CP/PP/DP groups over the (already initialised) default process group."""
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
-        distributed_timeout_minutes=timeout_s / 60)
+        context_parallel_size=context, distributed_timeout_minutes=timeout_s / 60)
+
+
+def context_parallel_size() -> int:
+    return parallel_state.get_context_parallel_world_size()
+
+
+def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This CP rank's part of each sequence: Megatron's load-balanced split into 2 x CP chunks
+    (``megatron.core.utils.get_batch_on_this_cp_rank``); the batch itself with CP = 1."""
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return batch
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    return get_batch_on_this_cp_rank(dict(batch))
+
+
+def tp_comm_overlap_args(cfg) -> dict:
+    """Arguments of TE's ``initialize_ub`` as Megatron-LM's ``_initialize_tp_communicators``
+    (megatron/training/initialize.py) builds them: one [sequence x micro-batch / CP, hidden]
+    buffer shape, the TP size, fp8, the ``ub_cfgs`` YAML and the bootstrap backend."""
+    import yaml
+
+    p, seq = cfg.parallel, cfg.model.seq_length
+    ub_cfgs = {}
+    if p.tp_comm_overlap_cfg:
+        with open(p.tp_comm_overlap_cfg) as stream:
+            ub_cfgs = yaml.safe_load(stream) or {}
+    return {"shape": [seq * cfg.train.micro_batch_size // p.context, cfg.model.hidden_size],
+            "tp_size": p.tensor, "use_fp8": cfg.fp8.format is not None, "ub_cfgs": ub_cfgs,
+            "bootstrap_backend": p.tp_comm_bootstrap_backend}
+
+
+def initialize_tp_comm_overlap(cfg) -> None:
+    """Set up TE's userbuffers before the model is built (``parallel.tp_comm_overlap``)."""
+    if not cfg.parallel.tp_comm_overlap:
+        return
+    from transformer_engine.pytorch import module as te_module
+
+    te_module.base.initialize_ub(**tp_comm_overlap_args(cfg))
 
 
 def seed_everything(seed: int) -> None:

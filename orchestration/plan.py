@@ -77,6 +77,7 @@ def build_plan(args: argparse.Namespace) -> dict:
         "tokens": tokens,
         "chinchilla_tokens": chinchilla_tokens(params.total),
         "flops_per_token": fpt,
+        "flops_per_token_causal": flops_per_token(model, seq, args.tp, causal=True),
         "six_n_d": 6.0 * params.total * tokens,
         "training_flops": fpt * tokens,
         "layout": {
@@ -106,7 +107,8 @@ def format_budget(p: dict) -> str:
         f"non-embedding + {_human(par['embedding'])} embedding + {_human(par['output'])} output",
         f"  tokens          {_human(p['tokens'])}  (Chinchilla-optimal ~{_human(p['chinchilla_tokens'])}"
         f" = 20 x params)",
-        f"  FLOPs/token     {p['flops_per_token']:.4g}  (6N over matmul weights + attention)",
+        f"  FLOPs/token     {p['flops_per_token']:.4g}  (6N over matmul weights + full "
+        f"attention; {p['flops_per_token_causal']:.4g} with causal attention)",
         f"  training FLOPs  {p['training_flops']:.4g}  (6ND alone: {p['six_n_d']:.4g})",
         f"layout TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']} = {lay['gpus']} GPUs, "
         f"micro-batch {lay['micro_batch']}; per GPU (heaviest stage):",
@@ -118,7 +120,8 @@ def format_budget(p: dict) -> str:
         f"{mem['activations_full_recompute']:.2f} GiB)",
         f"  total           {mem['total']:8.2f} GiB   (full recompute: "
         f"{mem['total_full_recompute']:.2f} GiB; + framework overhead)",
-        f"time on {lay['gpus']} x {p['gpu']} ({p['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak):",
+        f"time on {lay['gpus']} x {p['gpu']} ({p['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak; "
+        "MFU with full attention):",
     ]
     lines += [f"  MFU {float(m):.0%}: {d:7.1f} days" for m, d in p["days"].items()]
     return "\n".join(lines)

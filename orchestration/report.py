@@ -183,21 +183,35 @@ def plot_metric(log: RunLog, key: str, path: Path, title: str, log_y: bool = Fal
     _save(fig, ax, path, title)
 
 
+#: MFU series of the metrics log: both attention conventions (orchestration/metrics/flops.py),
+#: and ``mfu`` from logs written before they were named (full attention).
+MFU_KEYS = (("mfu_full_attn", "MFU, full attention"), ("mfu_causal", "MFU, causal"),
+            ("mfu", "MFU (full attention, older log)"))
+
+
 def plot_throughput(log: RunLog, path: Path) -> None:
-    has_mfu = any(_finite(r.get("mfu")) for r in log.train)
+    mfus = [(k, label) for k, label in MFU_KEYS if any(_finite(r.get(k)) for r in log.train)]
     fig, axes = plt.subplots(
-        2 if has_mfu else 1, 1, figsize=(9, 6 if has_mfu else 4), sharex=True, squeeze=False
+        2 if mfus else 1, 1, figsize=(9, 6 if mfus else 4), sharex=True, squeeze=False
     )
-    specs = [("tokens_per_s", "tokens / s"), ("mfu", "MFU")][: 2 if has_mfu else 1]
-    for ax, (key, label) in zip(axes[:, 0], specs, strict=True):
-        ax.plot(*_series(log.train, key, x="consumed_tokens"), lw=0.8)
-        ax.set_ylabel(label)
-        if key == "mfu":
-            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax = axes[0, 0]
+    ax.plot(*_series(log.train, "tokens_per_s", x="consumed_tokens"), lw=0.8)
+    ax.set_ylabel("tokens / s")
+    for key, label in mfus:
+        axes[1, 0].plot(*_series(log.train, key, x="consumed_tokens"), lw=0.8, label=label)
+    if mfus:
+        axes[1, 0].set_ylabel("MFU")
+        axes[1, 0].yaxis.set_major_formatter(PercentFormatter(1.0))
+        axes[1, 0].legend(loc="lower right")
+    for ax in axes[:, 0]:
         _mark_stages(ax, log, x="consumed_tokens")
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("consumed tokens")
     _save(fig, axes[0, 0], path, "Throughput")
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def summarize(log: RunLog) -> dict[str, Any]:
@@ -206,7 +220,7 @@ def summarize(log: RunLog) -> dict[str, Any]:
     losses = _series(log.train, "loss", skip=log.skipped)[1]
     # A batch skipped before it was computed takes no time: keep it out of throughput.
     tps = _series(log.train, "tokens_per_s", skip=log.skipped)[1]
-    mfu = _series(log.train, "mfu", skip=log.skipped)[1]
+    mfu = {k: _series(log.train, k, skip=log.skipped)[1] for k, _ in MFU_KEYS}
     held_out = {}
     if log.val:
         final = log.val[-1]
@@ -223,7 +237,8 @@ def summarize(log: RunLog) -> dict[str, Any]:
         "skipped": len(log.skipped),
         "skipped_steps": list(log.skipped)[:50],
         "tokens_per_s_median": statistics.median(tps) if tps else None,
-        "mfu_median": statistics.median(mfu) if mfu else None,
+        "mfu_full_attn_median": _median(mfu["mfu_full_attn"] or mfu["mfu"]),
+        "mfu_causal_median": _median(mfu["mfu_causal"]),
         "stages": [{"stage": s.get("stage"), "step": s.get("step")} for s in log.stages],
     }
 
@@ -243,7 +258,10 @@ def summary_markdown(s: dict[str, Any], run_dir: Path) -> str:
         f"| train loss, mean of last 10 steps | {fmt(s['final_train_loss_mean10'])} |",
         f"| skipped batches | {s['skipped']} |",
         f"| median tokens/s | {fmt(s['tokens_per_s_median'], ',.0f')} |",
-        f"| median MFU | {fmt(s['mfu_median'], '.1%')} |",
+        f"| median MFU, full attention (PaLM; Megatron-LM before 2025) | "
+        f"{fmt(s['mfu_full_attn_median'], '.1%')} |",
+        f"| median MFU, causal (Megatron-LM's current formula) | "
+        f"{fmt(s['mfu_causal_median'], '.1%')} |",
         "",
     ]
     if s["held_out"]:

@@ -3,7 +3,8 @@
 Under torchrun every rank runs this module; run alone it is a single-process job. Hydra composes
 ``conf/config.yaml`` with the chosen groups and overrides, the schema type-checks it, and
 :func:`orchestration.loop.run.run` trains. ``--cfg job`` prints the resolved config without
-training; ``-m`` sweeps.
+training; ``--explain`` prints what Megatron-Core would receive on a GPU node
+(``orchestration.explain``); ``-m`` sweeps.
 """
 
 from __future__ import annotations
@@ -45,5 +46,9 @@ def _configure_logging() -> None:
 
 
 if __name__ == "__main__":
+    if "--explain" in sys.argv[1:]:
+        from orchestration.explain import main as explain_main
+
+        raise SystemExit(explain_main([a for a in sys.argv[1:] if a != "--explain"]))
     die_with_launcher()  # before anything slow: an orphaned rank must not start training
     main()

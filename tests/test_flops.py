@@ -15,8 +15,10 @@ from orchestration.config import ModelConfig
 from orchestration.metrics.flops import (
     PEAK_BF16_FLOPS,
     flops_per_token,
+    flops_per_token_by_convention,
     matmul_params,
     mfu,
+    mfu_by_convention,
     parameter_count,
     peak_flops_for_device,
     training_flops,
@@ -120,13 +122,88 @@ def test_mfu_arithmetic():
     assert PEAK_BF16_FLOPS["a100"] == 312e12 and PEAK_BF16_FLOPS["h200"] == 989e12
 
 
-def test_peak_flops_for_device_names():
-    assert peak_flops_for_device("NVIDIA H100 80GB HBM3") == 989e12
-    assert peak_flops_for_device("NVIDIA H100 PCIe") == 756e12
-    assert peak_flops_for_device("NVIDIA GH200 480GB") == 989e12
-    assert peak_flops_for_device("NVIDIA A100-SXM4-80GB") == 312e12
-    assert peak_flops_for_device("NVIDIA A10G") == 125e12
-    assert peak_flops_for_device("Tesla V100-SXM2-32GB") is None
+@pytest.mark.parametrize("name, peak", [
+    # torch.cuda.get_device_name() as each GPU reports it; dense bf16 from NVIDIA's datasheets
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA B200", 2250e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+    ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA A10G", 125e12),
+    ("Tesla V100-SXM2-32GB", None),
+])
+def test_peak_flops_for_device_names(name, peak):
+    assert peak_flops_for_device(name) == peak
+
+
+def _megatron_lm_flops_per_token(m: ModelConfig, seq: int, padded_vocab: int) -> float:
+    """Megatron-LM's ``num_floating_point_operations(args, batch_size=1) / seq_length``
+    (megatron/training/training.py, transformer_flops(), dense GQA/MHA branch), transcribed
+    term by term: 3 (fwd + wgrad + dgrad) x 2 (FMA) x [qkv proj + core attention with the
+    causal /2 + out proj] per layer, the MLP (x3 with SwiGLU, x2 without) and the logits."""
+    kv = m.hidden_size // m.num_attention_heads
+    q, k, v = kv * m.num_attention_heads, kv * m.num_query_groups, kv * m.num_query_groups
+    attn = 3 * 2 * (m.hidden_size * (q + k + v) + q * seq / 2 * 2 + q * m.hidden_size)
+    ffn = 3 if m.activation == "swiglu" else 2
+    mlp = 3 * 2 * m.hidden_size * m.ffn_hidden_size * ffn
+    logits = 3 * 2 * m.hidden_size * padded_vocab
+    return m.num_layers * (attn + mlp) + logits
+
+
+LLAMA_1B = ModelConfig(name="llama_1b", num_layers=22, hidden_size=2048, ffn_hidden_size=5632,
+                       num_attention_heads=32, num_query_groups=4, seq_length=2048,
+                       vocab_size=32000)  # fmt: skip
+
+
+@pytest.mark.parametrize("model, seq, tp", [(LLAMA_1B, 4096, 1), (LLAMA_1B, 2048, 8),
+                                            (K2_65B, 2048, 8), (LLAMA_7B, 4096, 2), (SMALL, 32, 4)])
+def test_causal_convention_is_megatron_lms_current_formula(model, seq, tp):
+    from orchestration.config import padded_vocab_size
+
+    reference = _megatron_lm_flops_per_token(model, seq, padded_vocab_size(model, tp))
+    assert flops_per_token(model, seq, tp, causal=True) == pytest.approx(reference, rel=1e-12)
+    gelu = ModelConfig(**{**model.__dict__, "activation": "gelu"})
+    reference = _megatron_lm_flops_per_token(gelu, seq, padded_vocab_size(gelu, tp))
+    assert flops_per_token(gelu, seq, tp, causal=True) == pytest.approx(reference, rel=1e-12)
+
+
+def test_the_two_conventions_at_llama_1b_4096():
+    both = flops_per_token_by_convention(LLAMA_1B, 4096)
+    assert both["full_attn"] == pytest.approx(8.421e9, rel=2e-4)
+    assert both["causal"] == pytest.approx(7.314e9, rel=2e-4)
+    assert both["full_attn"] - both["causal"] == 6 * 22 * 4096 * 2048  # the halved attention
+    rates = mfu_by_convention(50_000, both, 1, 989e12)
+    assert rates["mfu_full_attn"] == pytest.approx(50_000 * both["full_attn"] / 989e12)
+    assert rates["mfu_causal"] < rates["mfu_full_attn"]
+
+
+def test_live_mfu_uses_the_stage_sequence_and_the_tp_padded_vocab():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from orchestration.callbacks.metrics import MetricsCallback
+    from orchestration.config import RunConfig, StageConfig
+    from orchestration.loop.control import StepResult
+    from orchestration.loop.stages import plan_stages
+
+    cfg = RunConfig()
+    cfg.model = replace(LLAMA_1B, vocab_size=32032)  # pads to 32064 at TP 1, 32256 at TP 8
+    cfg.parallel.tensor = 8
+    cfg.stages = [StageConfig(name="short", max_steps=2, seq_length=2048),
+                  StageConfig(name="long", max_steps=2, seq_length=8192)]
+    stages = plan_stages(cfg)
+    records = []
+    logger = SimpleNamespace(log=lambda record, echo: records.append(record))
+    callback = MetricsCallback(logger, cfg.model, cfg.parallel.tensor, 989e12, 8)
+    trainer = SimpleNamespace(stages=stages, cfg=cfg)
+    for step, stage in ((2, stages[0]), (3, stages[1])):
+        callback.after_step(trainer, StepResult(step, stage, 0, 1.0, 1.0, 1e-4, True, None,
+                                                True, 1.0))
+    for record, seq in zip(records, (2048, 8192), strict=True):
+        assert record["flops_per_token_full_attn"] == flops_per_token(cfg.model, seq, 8)
+        assert record["flops_per_token_causal"] == flops_per_token(cfg.model, seq, 8, True)
+        tokens = record["tokens_per_s"]
+        assert record["mfu_causal"] == pytest.approx(
+            tokens * flops_per_token(cfg.model, seq, 8, True) / (8 * 989e12))
+    assert records[0]["flops_per_token_full_attn"] != flops_per_token(cfg.model, 2048, 1)
 
 
 _COUNT_SCRIPT = textwrap.dedent("""

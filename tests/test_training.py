@@ -67,7 +67,7 @@ def test_run_directory_contents(tiny_cfg):
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
     for key in ("grad_norm", "lr", "tokens_per_s", "consumed_tokens", "step_time_s",
-                "flops_per_token"):
+                "flops_per_token_full_attn", "flops_per_token_causal"):
         assert all(math.isfinite(r[key]) for r in steps), key
     assert steps[-1]["consumed_tokens"] == 8 * cfg.train.global_batch_size * cfg.model.seq_length
     evals = [r for r in records if "val_loss" in r]

@@ -12,6 +12,8 @@ from orchestration.config.loading import (
 from orchestration.config.schema import (
     CheckpointConfig,
     DataConfig,
+    Fp8Config,
+    FusionConfig,
     LoggingConfig,
     ModelConfig,
     MupConfig,
@@ -27,8 +29,8 @@ from orchestration.config.schema import (
 from orchestration.config.validate import ConfigError, padded_vocab_size, validate
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "MupConfig",
-    "OptimConfig", "ParallelConfig", "RunConfig", "RuntimeConfig", "SourceConfig", "SpikeConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "Fp8Config", "FusionConfig", "LoggingConfig",
+    "ModelConfig", "MupConfig", "OptimConfig", "ParallelConfig", "RunConfig", "RuntimeConfig", "SourceConfig", "SpikeConfig",
     "StageConfig", "TrainConfig", "load_data_mix", "load_model_config", "load_run_config",
     "load_yaml", "padded_vocab_size", "register_configs", "to_dict", "to_run_config", "validate",
 ]

@@ -45,6 +45,10 @@ class ModelConfig:
     qk_layernorm: bool = False
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # Decoder-layer modules: te (Transformer Engine's fused modules, flash/fused attention) |
+    # local (Megatron's own, unfused attention) | auto (te on CUDA, failing when TE does not
+    # import; local on CPU). A GPU run without TE must ask for `local` explicitly.
+    layer_spec: str = "auto"
 
 
 @dataclass
@@ -71,8 +75,43 @@ class ParallelConfig:
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
     recompute: str = "none"  # none | selective | full
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
+    # Megatron-LM's high-MFU settings; null = on for a CUDA job (with the distributed optimizer
+    # for the param gather), off on CPU (megatron_patches/configs.py: gpu_defaults).
+    overlap_grad_reduce: bool | None = None
+    overlap_param_gather: bool | None = None
+    align_param_gather: bool | None = None  # all PP stages launch the param all-gather together
+    context: int = 1  # context parallelism: each sequence split over this many ranks (TE only)
+    cp_comm_type: str = "p2p"  # p2p | all_gather | a2a | a2a+p2p (Megatron's cp_comm_type)
+    # Overlap TP communication with GEMMs (TE userbuffers); needs sequence_parallel and TP > 1.
+    tp_comm_overlap: bool = False
+    tp_comm_overlap_cfg: str | None = None  # YAML of TE's ub_cfgs (Megatron-LM --tp-comm-overlap-cfg)
+    tp_comm_bootstrap_backend: str = "nccl"  # nccl | mpi | gloo
+
+
+@dataclass
+class FusionConfig:
+    """Fused kernels of the GPU path. null = on where the platform has the kernel (Megatron's
+    recipes), off on CPU; true insists (an error where the kernel is missing); false opts out."""
+
+    rope: bool | None = None  # apply_rope_fusion (Transformer Engine's fused RoPE)
+    gradient_accumulation: bool | None = None  # weight grads accumulated in the GEMM (apex/TE)
+    cross_entropy: bool | None = None  # cross_entropy_loss_fusion
+    cross_entropy_impl: str = "te"  # te | native (Megatron's cross_entropy_fusion_impl)
+
+
+@dataclass
+class Fp8Config:
+    """FP8 GEMMs through Transformer Engine (TransformerConfig's fp8 fields); off by default.
+
+    Delayed scaling with a 1024-step amax history and ``max`` is NeMo's/Megatron-Bridge's
+    default recipe; ``tensorwise`` is per-tensor current scaling, ``mxfp8`` Blackwell only."""
+
+    format: str | None = None  # e4m3 | hybrid (e4m3 forward, e5m2 gradients); null: no fp8
+    recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"  # max | most_recent
+    margin: int = 0
+    param: bool = False  # keep the GEMM weights in fp8 (fp8_param)
 
 
 @dataclass
@@ -256,6 +295,9 @@ class RuntimeConfig:
     # step S (1-based), as a hung GPU or a stuck filesystem read would.
     fault_drill: str | None = None
     deterministic: bool = True
+    # Python's garbage collector off, one gc.collect() every N steps on every rank together
+    # (Megatron-LM's --manual-gc --manual-gc-interval 100); 0 leaves Python's automatic GC on.
+    manual_gc_interval: int = 100
 
 
 @dataclass
@@ -265,6 +307,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     mup: MupConfig = field(default_factory=MupConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fusions: FusionConfig = field(default_factory=FusionConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=list)

@@ -17,7 +17,14 @@ from megatron_patches.model import build_gpt_model, model_weights
 from megatron_patches.parallel import single_process_world
 from orchestration.checkpoint import store
 from orchestration.checkpoint.layout import read_metadata
-from orchestration.config import ParallelConfig, RunConfig, load_run_config, padded_vocab_size
+from orchestration.config import (
+    Fp8Config,
+    FusionConfig,
+    ParallelConfig,
+    RunConfig,
+    load_run_config,
+    padded_vocab_size,
+)
 
 
 def run_config_candidates(ckpt: Path) -> list[Path]:
@@ -57,6 +64,10 @@ def build_cpu_model(cfg: RunConfig, saved_tp: int):
     cfg.parallel = ParallelConfig(tensor=1, pipeline=1, sequence_parallel=False)
     cfg.train.precision, cfg.runtime.device = "fp32", "cpu"
     cfg.mup.enabled = False  # multipliers are folded into the weights, not run
+    # A GPU run's kernels (TE spec, fusions, fp8) are not needed to read its weights: the local
+    # spec loads TE checkpoints (llama_spec's keys map), so a CPU tool opens any checkpoint.
+    cfg.model.layer_spec = "local"
+    cfg.fusions, cfg.fp8 = FusionConfig(), Fp8Config()
     mc = build_megatron_configs(cfg, on_cpu=True)
     mc.padded_vocab_size = padded_vocab_size(cfg.model, saved_tp)
     mc.transformer.perform_initialization = False  # every weight comes from the checkpoint

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from megatron_patches.configs import MegatronConfigs, build_megatron_configs
 from megatron_patches.model import build_gpt_model, wrap_for_training
 from megatron_patches.optimizer import build_optimizer
+from megatron_patches.parallel import initialize_tp_comm_overlap
 from orchestration.cluster.distributed import DistInfo, init_distributed
 from orchestration.config import RunConfig, validate
 from orchestration.data.datasets import (
@@ -61,6 +62,10 @@ def build_session(cfg: RunConfig, info: DistInfo | None = None) -> TrainingSessi
     info = init_distributed(cfg) if info is None else info
     validate(cfg, world_size=info.world_size)
     mc = build_megatron_configs(cfg, on_cpu=info.on_cpu)
+    if info.is_main:  # what the kernels and overlaps are, and why (also: --explain)
+        log.info("%s; %s", mc.platform.describe(), "; ".join(
+            f"{key} {why}" for key, why in mc.gpu_path.reasons.items()))
+    initialize_tp_comm_overlap(cfg)  # TE's userbuffers, before the model (tp_comm_overlap)
     model_chunks = [wrap_for_training(build_gpt_model(cfg, mc), mc)]
     optimizer = build_optimizer(cfg, mc, model_chunks)
     stages = plan_stages(cfg)

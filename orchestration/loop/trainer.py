@@ -24,13 +24,14 @@ import torch.distributed as dist
 
 from megatron_patches.checkpointing import AsyncSaver
 from megatron_patches.guarded_step import guarded_step
-from megatron_patches.optimizer import apply_lr, zero_grads
+from megatron_patches.optimizer import apply_lr, params_gathered, zero_grads
 from megatron_patches.parallel import (
     comm_device,
     data_parallel_rank,
     data_parallel_size,
     restore_rng_state,
     rng_state,
+    slice_for_context_parallel,
 )
 from megatron_patches.schedule import ForwardBackward
 from orchestration.callbacks.base import Callback, CallbackList, Gradients
@@ -48,7 +49,9 @@ from orchestration.config.loading import to_data_config
 from orchestration.data.batches import BatchLayout, microbatches
 from orchestration.data.datasets import StageDatasets
 from orchestration.loop.control import Control, Decision, RollbackRequest, StepResult
+from orchestration.loop.host_copy import HostCopy
 from orchestration.loop.lr import lr_for_step, weight_decay_for_step
+from orchestration.loop.manual_gc import manual_gc
 from orchestration.loop.session import TrainingSession
 from orchestration.loop.stages import (
     Stage,
@@ -85,6 +88,9 @@ class Trainer:
         self.saver = AsyncSaver() if cfg.checkpoint.async_save else None
         self._last_saved: int | None = None
         self.heartbeat = Heartbeat(self.run_dir, dist.get_rank())
+        self._totals = HostCopy(4, torch.float64, comm_device())  # [loss, tokens, z, stop]
+        self._vote: str | None = None
+        self._read = True
 
     @property
     def model_chunks(self) -> list:
@@ -108,8 +114,10 @@ class Trainer:
             return []
         results = []
         end = total_steps(self.stages)
-        while self.step < end and self.control.stop is None:
-            results.append(self.run_step())
+        with manual_gc(self.cfg.runtime.manual_gc_interval) as collect:
+            while self.step < end and self.control.stop is None:
+                results.append(self.run_step())
+                collect(self.step)
         self.finalize_checkpoints(blocking=True)  # requeue/exit only with the last save complete
         self.callbacks.on_fit_end(self)
         return results
@@ -154,7 +162,7 @@ class Trainer:
             chunk.eval()
         total = torch.zeros(2, dtype=torch.float64, device=comm_device())
         full = dataclasses.replace(self.layout, ramp=None)  # full-size batches, ramp or not
-        with torch.no_grad():
+        with torch.no_grad(), params_gathered(self.model_chunks):
             for i in range(iters):
                 total += self._loss_sum(i, target, forward_only=True, layout=full)[:2]
         for chunk in self.model_chunks:
@@ -173,10 +181,11 @@ class Trainer:
                  "data_history": self.data_history,
                  "callbacks": self.callbacks.state_dict()}
         t0 = time.perf_counter()
-        path = store.save(checkpoint_dir(self.run_dir), self.step, self.session.model,
-                          self.session.optimizer, state, self.cfg.checkpoint.keep_last,
-                          self.saver, shape_config(to_dict(self.cfg)),
-                          self.cfg.checkpoint.keep_every, release=self._release_label())
+        with params_gathered(self.model_chunks):  # overlapped gathers complete: fresh weights
+            path = store.save(checkpoint_dir(self.run_dir), self.step, self.session.model,
+                              self.session.optimizer, state, self.cfg.checkpoint.keep_last,
+                              self.saver, shape_config(to_dict(self.cfg)),
+                              self.cfg.checkpoint.keep_every, release=self._release_label())
         self._last_saved = self.step
         log.info("%s %s in %.2fs", "scheduled (writing in the background)"
                  if self.saver is not None else "saved", path, time.perf_counter() - t0)
@@ -328,10 +337,13 @@ class Trainer:
                               batch_stage=data_stage)
         dataset = self.train_data(data_stage)
         rng = rng_state()  # what a re-run restores; ~0.1 ms on CPU, no device sync
-        (loss, extra), attempt = self._forward_backward_loss(dataset, batch), 0
+        attempt = 0
+        self._forward_backward(dataset, batch)
         while True:
-            outcome = guarded_step(self.session.optimizer,
-                                   functools.partial(self._pre_optim, step, loss, attempt))
+            # The loss is read inside the veto, after the grad-norm sync: no sync of its own.
+            outcome = guarded_step(
+                self.session.optimizer,
+                lambda g, a=attempt: self._pre_optim(step, self._step_loss(), a, g))
             if self.control.rerun is None or self.control.skip is not None:
                 break
             if attempt == MAX_RERUNS:  # a callback that never stops asking: skip, loudly
@@ -343,7 +355,8 @@ class Trainer:
                         attempt, self.control.rerun)
             self.control.start_rerun()
             restore_rng_state(rng)
-            loss, extra = self._forward_backward_loss(dataset, batch)
+            self._forward_backward(dataset, batch)
+        loss, extra = self._step_loss(), self._step_extra()
         reason = self.control.skip or (None if outcome.updated else "non-finite gradients")
         self.last_loss = loss
         if attempt:
@@ -360,25 +373,39 @@ class Trainer:
         self._merge(self.callbacks.pre_optim_step(self, grads))
         return self.control.skip is not None or self.control.rerun is not None
 
-    def _forward_backward_loss(self, dataset, batch: int) -> tuple[float, dict]:
-        """The step's global LM loss, and the z-loss (``extra``) when it is on."""
+    def _forward_backward(self, dataset, batch: int) -> None:
+        """The schedule, then one all-reduce of [LM loss sum, tokens, z-loss sum, stop vote]
+        whose result is copied to the host without a sync: it is read (``_step_loss``) after
+        the grad-norm sync Megatron's step makes anyway, so a step has the bare loop's one host
+        sync."""
         zero_grads(self.model_chunks, self.session.optimizer)
         self.heartbeat.beat(self.step + 1, "schedule")
         total = self._loss_sum(batch, dataset, forward_only=False)
-        # The one collective (and host sync) per step: the global loss for the skip decision,
-        # plus any rank's stop vote (SIGUSR1/SIGTERM), so that every rank stops together.
-        vote = self.callbacks.poll_stop(self)
+        # Any rank's stop vote (SIGUSR1/SIGTERM) rides on the loss all-reduce, so every rank
+        # stops after the same step. new_full fills on the device (no host->device copy).
+        self._vote = self.callbacks.poll_stop(self)
         self.heartbeat.beat(self.step + 1, "all-reduce")
-        # new_full fills on the device; torch.tensor(..., device=) would be a blocking
-        # host->device copy, a second stream sync per step (docs/benchmarks.md, step overhead).
-        total = torch.cat([total, total.new_full((1,), 1.0 if vote else 0.0)])
+        total = torch.cat([total, total.new_full((1,), 1.0 if self._vote else 0.0)])
         dist.all_reduce(total)
-        loss_sum, count, z_sum, stop = total.tolist()
-        if stop and self.control.stop is None:
-            self.control.merge(Decision(stop=vote or "stop requested on another rank"))
-            self.stopped_by_vote = True
-        extra = {"z_loss": z_sum / count if count else float("nan")} if self._z_loss else {}
-        return (loss_sum / count if count else float("nan")), extra
+        self._totals.start(total)
+        self._read = False
+
+    def _step_loss(self) -> float:
+        """The step's global mean LM loss; on first read also acts on the stop vote."""
+        loss_sum, count, _, stop = self._totals.values()
+        if not self._read:
+            self._read = True
+            if stop and self.control.stop is None:
+                self.control.merge(Decision(stop=self._vote or "stop requested on another rank"))
+                self.stopped_by_vote = True
+        return loss_sum / count if count else float("nan")
+
+    def _step_extra(self) -> dict:
+        """The step's mean z-loss when it is on (logged next to the LM loss)."""
+        if not self._z_loss:
+            return {}
+        _, count, z_sum, _ = self._totals.values()
+        return {"z_loss": z_sum / count if count else float("nan")}
 
     @property
     def _z_loss(self) -> bool:
@@ -401,6 +428,7 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = {k: v.to(comm_device(), non_blocking=True) for k, v in next(data_iterator).items()}
+        batch = slice_for_context_parallel(batch)  # this rank's part of each sequence (CP > 1)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         scale = self.control.loss_scale * self.control.fault_scale
         return output, functools.partial(_masked_loss, batch["loss_mask"], scale,

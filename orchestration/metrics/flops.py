@@ -3,7 +3,9 @@
 Why a module of its own: the planner (``python -m orchestration.plan``), the training loop's throughput
 log and the benchmarks must agree on one definition of "parameters" and "FLOPs", otherwise MFU
 numbers from different tools are not comparable. Everything here is arithmetic on
-:class:`orchestration.config.ModelConfig`; nothing builds a model.
+:class:`orchestration.config.ModelConfig`; nothing builds a model. Two attention conventions
+exist in the field (:data:`CONVENTIONS`, 15% apart at llama_1b/4096); the metrics log and the
+benchmarks report both, labelled, so a figure can be compared with either kind of anchor.
 """
 
 from __future__ import annotations
@@ -12,12 +14,19 @@ from dataclasses import dataclass
 
 from orchestration.config import ModelConfig, padded_vocab_size
 
-# Dense (no 2:4 sparsity) BF16 tensor-core peaks from the vendors' datasheets, in FLOP/s.
-# H200 has the H100 SXM's compute with more and faster memory, so the same peak.
+# Dense (no 2:4 sparsity) BF16 tensor-core peaks per GPU, in FLOP/s. NVIDIA's datasheets give
+# the sparse figure with a footnote; dense is half of it: H100 SXM 1,979 TF -> 989, H100 NVL
+# 1,671 -> 835, H100 PCIe 1,513 -> 756 (NVIDIA H100 Tensor Core GPU datasheet); H200 SXM
+# 1,979 -> 989, H200 NVL 1,671 -> 835 (H200 datasheet); GH200 989 (GH200 Grace Hopper
+# Superchip datasheet, its H100/H200 GPU); B200 4.5 PF sparse -> 2,250 TF (HGX B200,
+# DGX B200 datasheets, per GPU); A100 312 dense for all four of 40/80 GB x SXM/PCIe (A100
+# datasheet); L40S 733 sparse -> 362; A10G 125 (A10 datasheet); MI300X 1,307 (AMD).
 PEAK_BF16_FLOPS: dict[str, float] = {
     "h100_sxm": 989e12,
+    "h100_nvl": 835e12,
     "h100_pcie": 756e12,
     "h200": 989e12,
+    "h200_nvl": 835e12,
     "gh200": 989e12,
     "b200": 2250e12,
     "a100": 312e12,
@@ -27,16 +36,27 @@ PEAK_BF16_FLOPS: dict[str, float] = {
 }
 
 
-# Device-name fragments (torch.cuda.get_device_name(), lower-cased) to table keys; the more
-# specific fragments come first ("gh200" before "h200", "h100 pcie" before "h100").
-_DEVICE_KEYS = (("gh200", "gh200"), ("h200", "h200"), ("h100 pcie", "h100_pcie"),
-                ("h100", "h100_sxm"), ("b200", "b200"), ("a100", "a100"), ("a10g", "a10g"),
-                ("l40s", "l40s"), ("mi300x", "mi300x"))  # fmt: skip
+# Fragments of torch.cuda.get_device_name(), lower-cased, to table keys; the more specific
+# fragments come first ("gh200" before "h200", "h100 nvl"/"h100 pcie" before "h100"). Names as
+# the driver reports them: "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 NVL", "NVIDIA H100
+# PCIe", "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA GH200 480GB", "NVIDIA B200",
+# "NVIDIA A100-SXM4-80GB", "NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe".
+_DEVICE_KEYS = (("gh200", "gh200"), ("h200 nvl", "h200_nvl"), ("h200", "h200"),
+                ("h100 nvl", "h100_nvl"), ("h100 pcie", "h100_pcie"), ("h100", "h100_sxm"),
+                ("b200", "b200"), ("a100", "a100"), ("a10g", "a10g"), ("l40s", "l40s"),
+                ("mi300x", "mi300x"))  # fmt: skip
+
+#: The two ways of counting attention in model FLOPs, as metric suffixes (``mfu_full_attn``):
+#: ``full_attn`` is PaLM's (Chowdhery et al. 2022, appendix B) and Megatron-LM's formula before
+#: 2025; ``causal`` is Megatron-LM's ``num_floating_point_operations`` since (megatron/training/
+#: training.py; megatron-core's pip package does not ship it), which halves attention's
+#: QK^T and AV for the causal mask. At llama_1b, seq 4096: 8.421e9 vs 7.314e9 FLOPs per token.
+CONVENTIONS = ("full_attn", "causal")
 
 
 def peak_flops_for_device(device_name: str) -> float | None:
     """Dense BF16 peak for a GPU name such as "NVIDIA H100 80GB HBM3"; None when unknown."""
-    name = device_name.lower()
+    name = device_name.lower().replace("-", " ")
     for fragment, key in _DEVICE_KEYS:
         if fragment in name:
             return PEAK_BF16_FLOPS[key]
@@ -129,31 +149,46 @@ def matmul_params(model: ModelConfig, tensor_parallel: int = 1) -> int:
 
 
 def flops_per_token(
-    model: ModelConfig, seq_length: int | None = None, tensor_parallel: int = 1
+    model: ModelConfig, seq_length: int | None = None, tensor_parallel: int = 1,
+    causal: bool = False,
 ) -> float:
     """Model FLOPs (forward + backward) per trained token, with no recompute counted.
 
     Formula (PaLM, Chowdhery et al. 2022, appendix B; Megatron-LM's MFU accounting)::
 
-        flops_per_token = 6 * N + 12 * L * S * (heads * head_dim)
+        full attention:  6 * N + 12 * L * S * (heads * head_dim)
+        causal:          6 * N +  6 * L * S * (heads * head_dim)
 
     * ``6 * N``: each matmul weight costs 2 FLOPs per token forward (multiply + add) and 4
       backward (input and weight gradients). N is :func:`matmul_params` (layers' matmul weights
-      plus the output layer over the padded vocabulary; no input embedding lookup).
+      plus the output layer over the vocabulary padded for ``tensor_parallel``; no input
+      embedding lookup).
     * ``12 * L * S * d``: per layer and token, Q @ K^T and softmax @ V each cost 2 * S * d
       FLOPs forward (4 * S * d), times 3 for forward + backward.
 
-    The causal mask is *not* used to halve the attention term, as in PaLM's and Megatron's MFU,
-    so numbers are comparable with theirs. Activation recomputation is not counted either:
-    this is model FLOPs (MFU), not hardware FLOPs (HFU).
+    The two conventions differ only there (see :data:`CONVENTIONS`): by default the causal mask
+    is *not* used to halve the attention term, as in PaLM and Megatron-LM before 2025;
+    ``causal=True`` halves it, which is exactly Megatron-LM's current
+    ``num_floating_point_operations`` for a dense GQA/MHA model (tests/test_flops.py checks it
+    against a transcription of that function). Report which one a figure uses. Activation
+    recomputation is not counted either: this is model FLOPs (MFU), not hardware FLOPs (HFU).
     """
     s = model.seq_length if seq_length is None else seq_length
     attn_width = model.num_attention_heads * head_dim(model)
-    return 6.0 * matmul_params(model, tensor_parallel) + 12.0 * model.num_layers * s * attn_width
+    attention = (6.0 if causal else 12.0) * model.num_layers * s * attn_width
+    return 6.0 * matmul_params(model, tensor_parallel) + attention
+
+
+def flops_per_token_by_convention(model: ModelConfig, seq_length: int | None = None,
+                                  tensor_parallel: int = 1) -> dict[str, float]:
+    """``{"full_attn": ..., "causal": ...}``: both conventions for one model and sequence."""
+    return {name: flops_per_token(model, seq_length, tensor_parallel, causal=name == "causal")
+            for name in CONVENTIONS}
 
 
 def training_flops(model: ModelConfig, tokens: float, seq_length: int | None = None) -> float:
-    """Total model FLOPs to train on ``tokens`` tokens: ``flops_per_token * D``."""
+    """Total model FLOPs to train on ``tokens`` tokens: ``flops_per_token * D`` (full
+    attention, the planner's convention)."""
     return flops_per_token(model, seq_length) * tokens
 
 
@@ -164,3 +199,10 @@ def mfu(
     if num_gpus <= 0 or peak_flops_per_gpu <= 0:
         raise ValueError("num_gpus and peak_flops_per_gpu must be positive")
     return tokens_per_second * flops_per_token / (num_gpus * peak_flops_per_gpu)
+
+
+def mfu_by_convention(tokens_per_second: float, per_token: dict[str, float], num_gpus: int,
+                      peak_flops_per_gpu: float) -> dict[str, float]:
+    """``{"mfu_full_attn": ..., "mfu_causal": ...}`` from :func:`flops_per_token_by_convention`."""
+    return {f"mfu_{name}": mfu(tokens_per_second, flops, num_gpus, peak_flops_per_gpu)
+            for name, flops in per_token.items()}

@@ -78,7 +78,8 @@ def format_record(r: dict[str, Any]) -> str:
     parts = [f"step {r['step']:>6}"]
     for key, fmt in (("loss", "{:.4f}"), ("grad_norm", "{:.3f}"), ("lr", "{:.3e}"),
                      ("tokens_per_s", "{:,.0f}"), ("consumed_tokens", "{:,}"),
-                     ("step_time_s", "{:.3f}"), ("mfu", "{:.1%}"), ("val_loss", "{:.4f}")):
+                     ("step_time_s", "{:.3f}"), ("mfu_full_attn", "{:.1%}"),
+                     ("mfu_causal", "{:.1%}"), ("val_loss", "{:.4f}")):
         value = r.get(key)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             parts.append(f"{key} " + fmt.format(value))
