@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from megatron_patches.configs import MegatronConfigs, build_megatron_configs
-from megatron_patches.model import build_gpt_model, wrap_for_training
+from megatron_patches.model import build_model_chunks, wrap_for_training
 from megatron_patches.optimizer import build_optimizer
 from orchestration.cluster.distributed import DistInfo, init_distributed
 from orchestration.config import RunConfig, validate
@@ -28,15 +28,11 @@ class TrainingSession:
     cfg: RunConfig
     dist: DistInfo
     mc: MegatronConfigs
-    model_chunks: list  # Megatron DDP-wrapped model chunks of this pipeline rank
+    model_chunks: list  # Megatron DDP-wrapped model chunks of this pipeline rank (one per
+    # virtual pipeline stage; a single one without interleaving)
     optimizer: object  # Megatron ChainedOptimizer
     stages: list[Stage]
     _datasets: dict[int, StageDatasets] = field(default_factory=dict)
-
-    @property
-    def model(self):
-        """The first (and, without virtual pipeline stages, only) model chunk."""
-        return self.model_chunks[0]
 
     def datasets_for(self, stage: Stage) -> StageDatasets:
         if stage.index not in self._datasets:
@@ -50,7 +46,8 @@ def build_session(cfg: RunConfig, info: DistInfo | None = None) -> TrainingSessi
     info = init_distributed(cfg) if info is None else info
     validate(cfg, world_size=info.world_size)
     mc = build_megatron_configs(cfg, on_cpu=info.on_cpu)
-    model_chunks = [wrap_for_training(build_gpt_model(cfg, mc), mc)]
+    model_chunks = [wrap_for_training(chunk, mc, i)
+                    for i, chunk in enumerate(build_model_chunks(cfg, mc))]
     optimizer = build_optimizer(cfg, mc, model_chunks)
     stages = plan_stages(cfg)
     for stage in stages:  # build or check every stage's data now, not hours into the run
