@@ -22,13 +22,28 @@ from megatron_patches.optimizer_state import ensure_adam_state, restore_adam_ste
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
+def model_chunks(model) -> list:
+    """A model, or a list of model chunks (interleaved pipeline), as a list."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _model_keys(count: int) -> list[str]:
+    """Megatron-LM's names: ``model`` for one chunk, ``model0``, ``model1``... for several.
+    Tensors are matched by their global sharded keys (layer numbers include the chunk's
+    offset), so a checkpoint saved with interleaving loads without it, and the reverse."""
+    return ["model"] if count == 1 else [f"model{i}" for i in range(count)]
+
+
 def sharded_state(model, optimizer, trainer_state: dict, is_loading: bool,
                   with_optimizer: bool = True) -> dict[str, Any]:
-    model_sd = unwrap(model).sharded_state_dict()  # keys without DDP's "module." prefix
-    state: dict[str, Any] = {"model": model_sd, "trainer": trainer_state}
+    chunks = model_chunks(model)
+    state: dict[str, Any] = {  # keys without DDP's "module." prefix
+        key: unwrap(chunk).sharded_state_dict()
+        for key, chunk in zip(_model_keys(len(chunks)), chunks, strict=True)}
     if with_optimizer and optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
+            dict(state), is_loading=is_loading, metadata=OPTIM_METADATA)
+    state["trainer"] = trainer_state
     return state
 
 
@@ -46,8 +61,10 @@ def load_sharded(model, optimizer, directory: Path, with_optimizer: bool) -> dic
     template = sharded_state(model, optimizer, {}, True, with_optimizer)
     template.pop("trainer")
     state = dist_checkpointing.load(template, str(directory))
+    chunks = model_chunks(model)
     with torch.no_grad():  # fp32 main params are views of the (grad-requiring) weights
-        unwrap(model).load_state_dict(state["model"])
+        for key, chunk in zip(_model_keys(len(chunks)), chunks, strict=True):
+            unwrap(chunk).load_state_dict(state[key])
         if with_optimizer and optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
             restore_adam_steps(optimizer, state["optimizer"])

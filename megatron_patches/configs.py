@@ -107,9 +107,13 @@ def gpu_defaults(cfg: RunConfig, platform: Platform, layer_spec: str) -> GpuPath
                       no_cuda if gather_ok else "needs the distributed optimizer and "
                       "overlap_grad_reduce", why, default=cuda)
     # Only the interleaved (virtual-pipeline) schedule launches aligned gathers; elsewhere the
-    # forward hooks would wait on each bucket unoverlapped, so Megatron-LM turns it off there.
-    align = _setting("parallel.align_param_gather", p.align_param_gather, False,
-                     "needs the interleaved (virtual pipeline) schedule", why)
+    # forward hooks would wait on each bucket unoverlapped, so Megatron-LM turns it off there
+    # and on (its default) with interleaving.
+    interleaved = p.virtual_pipeline > 1
+    align = _setting("parallel.align_param_gather", p.align_param_gather,
+                     interleaved and gather, "needs the interleaved (virtual pipeline) schedule "
+                     "and overlap_param_gather" if not (interleaved and not gather and cuda)
+                     else "needs overlap_param_gather", why, default=cuda)
     why["jit fusions"] = "on (CUDA)" if cuda else f"off ({no_cuda})"
     why["layer spec"] = layer_spec
     return GpuPath(jit_fusions=cuda, rope_fusion=rope, grad_accum_fusion=wgrad,
@@ -223,6 +227,10 @@ def _transformer_config(cfg: RunConfig, precision: str, on_cpu: bool, path: GpuP
         attention_softmax_in_fp32=True,
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=(p.virtual_pipeline if p.virtual_pipeline > 1
+                                              else None),
+        microbatch_group_size_per_vp_stage=p.microbatch_group_size,
+        **_p2p_kwargs(p.virtual_pipeline),
         sequence_parallel=p.sequence_parallel,
         params_dtype=PRECISION_DTYPES[precision],
         pipeline_dtype=PRECISION_DTYPES[precision],
@@ -236,6 +244,17 @@ def _transformer_config(cfg: RunConfig, precision: str, on_cpu: bool, path: GpuP
         **recompute,
         **extra,
     ), assumed_platform)
+
+
+def _p2p_kwargs(virtual_pipeline: int) -> dict:
+    """Megatron-LM's defaults for the interleaved schedule: overlapped, unbatched p2p. The
+    batched ops would also be wrong at PP=2: a rank's previous and next stage are then the same
+    peer, and one batch's activation and gradient messages to it are matched in the wrong order
+    (measured on gloo: micro-batches 3-4 of a step got each other's tensors).
+    ``_p2p_ops`` sends each direction over its own process group instead."""
+    if virtual_pipeline <= 1:
+        return {}
+    return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
 
 
 def optimizer_config(optim: OptimConfig, cfg: RunConfig, precision: str,

@@ -23,7 +23,7 @@ def build_optimizer(cfg: RunConfig, mc: MegatronConfigs, model_chunks: list) -> 
     connected to the schedule hooks of ``mc.transformer``."""
     optimizer = get_megatron_optimizer(mc.optimizer, model_chunks,
                                        config_overrides=param_group_overrides(cfg, mc))
-    connect_schedule_hooks(mc, model_chunks[0], optimizer, cfg)
+    connect_schedule_hooks(mc, model_chunks, optimizer, cfg)
     return optimizer
 
 
@@ -37,20 +37,27 @@ def param_group_overrides(cfg: RunConfig, mc: MegatronConfigs) -> dict | None:
     return mup_param_group_overrides(cfg, mc.optimizer)
 
 
-def connect_schedule_hooks(mc: MegatronConfigs, model, optimizer, cfg: RunConfig) -> None:
+def connect_schedule_hooks(mc: MegatronConfigs, model_chunks: list, optimizer,
+                           cfg: RunConfig) -> None:
     """What Megatron's pipeline schedules call back into, as Megatron-LM's training.py sets it:
     the data-parallel gradient reduction (plus SP layer-norm and tied-embedding reductions) at
     the end of the step, loss scaling for fp16, no-sync while accumulating micro-batches and,
     with overlap, the bucket reductions (``align_grad_reduce``, Megatron-LM's default) and
-    param all-gathers the schedule launches itself (``align_param_gather``)."""
+    param all-gathers the schedule launches itself (``align_param_gather``). With several
+    model chunks (interleaved pipeline) each hook is a list, one per chunk."""
     tc = mc.transformer
     tc.finalize_model_grads_func = finalize_model_grads
     tc.grad_scale_func = optimizer.scale_loss
     if mc.ddp.overlap_grad_reduce:
-        tc.no_sync_func = model.no_sync
-        tc.grad_sync_func = model.start_grad_sync
+        tc.no_sync_func = _per_chunk([chunk.no_sync for chunk in model_chunks])
+        tc.grad_sync_func = _per_chunk([chunk.start_grad_sync for chunk in model_chunks])
     if mc.ddp.overlap_param_gather and mc.ddp.align_param_gather:
-        tc.param_sync_func = model.start_param_sync
+        tc.param_sync_func = _per_chunk([chunk.start_param_sync for chunk in model_chunks])
+
+
+def _per_chunk(hooks: list):
+    """Megatron's schedules take one hook for a single chunk and a list for several."""
+    return hooks[0] if len(hooks) == 1 else hooks
 
 
 def apply_lr(optimizer, lr: float, weight_decay: float) -> None:

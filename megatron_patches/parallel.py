@@ -22,10 +22,13 @@ from megatron.core.tensor_parallel.random import (
 from megatron_patches import cpu_compat
 
 
-def init_model_parallel(tensor: int, pipeline: int, timeout_s: float, context: int = 1) -> None:
-    """Megatron's TP/CP/PP/DP groups over the (already initialised) default process group."""
+def init_model_parallel(tensor: int, pipeline: int, timeout_s: float, context: int = 1,
+                        virtual_pipeline: int = 1) -> None:
+    """Megatron's TP/CP/PP/DP groups over the (already initialised) default process group;
+    ``virtual_pipeline`` model chunks per pipeline rank (1: no interleaving)."""
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
         context_parallel_size=context, distributed_timeout_minutes=timeout_s / 60)
 
 
@@ -89,6 +92,7 @@ def layout() -> dict[str, int]:
     """This run's parallel layout, as recorded with every checkpoint."""
     return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
             "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "vp": virtual_pipeline_size(),
             "dp": parallel_state.get_data_parallel_world_size(),
             "world": dist.get_world_size()}
 
@@ -99,6 +103,11 @@ def data_parallel_size() -> int:
 
 def data_parallel_rank() -> int:
     return parallel_state.get_data_parallel_rank()
+
+
+def virtual_pipeline_size() -> int:
+    """Model chunks per pipeline rank (1 without interleaving)."""
+    return parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
 
 
 def pipeline_parallel_size() -> int:

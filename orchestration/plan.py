@@ -68,6 +68,8 @@ def build_plan(args: argparse.Namespace) -> dict:
         seq,
         flash_attention=not args.no_flash_attn,
         grad_bytes=args.grad_bytes,
+        vp=args.vp,
+        microbatch_group=args.microbatch_group,
     )
     peak = PEAK_BF16_FLOPS[args.gpu]
     return {
@@ -86,6 +88,7 @@ def build_plan(args: argparse.Namespace) -> dict:
             "dp": args.dp,
             "gpus": gpus,
             "micro_batch": args.micro_batch,
+            "vp": args.vp,
         },
         "memory_gib": {k: v / GIB for k, v in asdict(mem).items() if k != "params_per_gpu"}
         | {
@@ -185,6 +188,9 @@ def _plan_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--dp", type=int, default=1)
+    ap.add_argument("--vp", type=int, default=1, help="model chunks per pipeline rank")
+    ap.add_argument("--microbatch-group", type=int,
+                    help="micro-batches per chunk in a row, interleaved (default: --pp)")
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--gpus", type=int, help="GPUs for the time estimate (default TPxPPxDP)")
     ap.add_argument("--gpu", default="h100_sxm", choices=sorted(PEAK_BF16_FLOPS))

@@ -120,6 +120,21 @@ def test_memory_by_hand():
     assert mem.total == mem.weights + mem.grads + mem.optimizer + mem.activations
 
 
+def test_interleaved_pipeline_holds_more_activations():
+    """Rank 0 of an interleaved pipeline warms up with 2*(pp-1) + (vp-1)*group chunk forwards
+    (Megatron-Core's get_pp_rank_microbatches) and holds one more: K2 (80 layers, PP4, VP5,
+    groups of 5) holds (6 + 20 + 1) chunks of 4 layers = 108 layers' activations, 1.35x 1F1B."""
+    from orchestration.planning.memory import layers_in_flight
+
+    assert layers_in_flight(80, pp=4) == 80
+    assert layers_in_flight(80, pp=4, vp=5, microbatch_group=5) == 108
+    assert layers_in_flight(80, pp=4, vp=5) == 80 * (1 + 3 / 20)  # default groups of PP
+    plain = memory_per_gpu(HAND, tp=2, pp=2, micro_batch=2)
+    interleaved = memory_per_gpu(HAND, tp=2, pp=2, micro_batch=2, vp=2)
+    assert interleaved.weights == plain.weights
+    assert interleaved.activations > plain.activations
+
+
 def test_activations_reproduce_korthikanti_for_gpt3_shapes():
     # GPT-3 layout (MHA, GeLU, ffn 4h): per-layer bytes s*b*h*(34 + 5*a*s/h) without parallelism
     gpt = ModelConfig(num_layers=1, hidden_size=1024, ffn_hidden_size=4096, activation="gelu",

@@ -132,23 +132,35 @@ def load(path: Path, model, optimizer, with_optimizer: bool = True,
     if with_optimizer and _model_parallel_changed(meta):
         if not reset_optimizer_on_reshard:
             raise LayoutChangeError(
-                f"{path} was saved at tp={meta['layout']['tp']} pp={meta['layout']['pp']} but "
-                f"this run has tp={layout()['tp']} pp={layout()['pp']}: Megatron-Core's "
+                f"{path} was saved at {_model_parallel(saved_layout(meta))} but this run has "
+                f"{_model_parallel(layout())}: Megatron-Core's "
                 "distributed-optimizer checkpoints reshard across data parallelism only. Set "
                 "checkpoint.reset_optimizer_on_reshard=true to load the weights and restart "
-                "Adam's moments, or keep parallel.tensor/pipeline as saved.")
+                "Adam's moments, or keep parallel.tensor/pipeline/virtual_pipeline as saved.")
         log.warning("%s: TP/PP layout changed; loading weights only, Adam state restarts", path)
         with_optimizer = False
     trainer_state = checkpointing.load_sharded(model, optimizer, path, with_optimizer)
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
-    if meta.get("layout") == layout() and rng_file.is_file():
+    if saved_layout(meta) == layout() and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return trainer_state
 
 
+def saved_layout(meta: dict[str, Any]) -> dict[str, int]:
+    """The layout a checkpoint was saved at; ``vp`` (model chunks per pipeline rank) is 1 in
+    checkpoints written before it was recorded."""
+    saved = meta.get("layout", {})
+    return {**saved, "vp": saved.get("vp", 1)} if saved else {}
+
+
+def _model_parallel(lay: dict[str, Any]) -> str:
+    return f"tp={lay.get('tp')} pp={lay.get('pp')} vp={lay.get('vp', 1)}"
+
+
 def _model_parallel_changed(meta: dict[str, Any]) -> bool:
-    saved, now = meta.get("layout", {}), layout()
-    return (saved.get("tp"), saved.get("pp")) != (now["tp"], now["pp"])
+    """TP, PP or the virtual pipeline changed: the optimizer's buffers are laid out anew."""
+    saved, now = saved_layout(meta), layout()
+    return any(saved.get(k) != now[k] for k in ("tp", "pp", "vp"))
 
 
 class UnloadableCheckpoints(RuntimeError):

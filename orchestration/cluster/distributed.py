@@ -69,7 +69,8 @@ def init_distributed(cfg: RunConfig) -> DistInfo:
             backend="gloo" if on_cpu else "nccl", rank=rank, world_size=world,
             timeout=datetime.timedelta(seconds=cfg.runtime.distributed_timeout_s))
     init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline,
-                        cfg.runtime.distributed_timeout_s, cfg.parallel.context)
+                        cfg.runtime.distributed_timeout_s, context=cfg.parallel.context,
+                        virtual_pipeline=cfg.parallel.virtual_pipeline)
     seed_everything(cfg.train.seed)
     if on_cpu and cfg.runtime.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

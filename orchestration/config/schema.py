@@ -72,6 +72,13 @@ class ParallelConfig:
 
     tensor: int = 1
     pipeline: int = 1
+    # Model chunks per pipeline rank (Megatron's virtual_pipeline_model_parallel_size): the
+    # interleaved 1F1B schedule, whose bubble is 1/virtual_pipeline of plain 1F1B's.
+    virtual_pipeline: int = 1
+    # Micro-batches each chunk runs in a row (Megatron's microbatch_group_size_per_vp_stage;
+    # default: parallel.pipeline). Larger groups hold more activations but admit micro-batch
+    # counts the default refuses (K2: 34 per rank at PP4 needs 5).
+    microbatch_group_size: int | None = None
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
     recompute: str = "none"  # none | selective | full

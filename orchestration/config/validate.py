@@ -111,11 +111,28 @@ def _model_errors(m: ModelConfig, p: ParallelConfig) -> list[str]:
     if m.num_layers % p.pipeline:
         errors.append(f"model.num_layers={m.num_layers} is not divisible by "
                       f"parallel.pipeline={p.pipeline}")
+    errors += _virtual_pipeline_errors(m, p)
     if p.sequence_parallel and tp == 1:
         errors.append("parallel.sequence_parallel=true needs parallel.tensor > 1")
     if not 0.0 < m.rotary_percent <= 1.0:
         errors.append(f"model.rotary_percent={m.rotary_percent} must be in (0, 1]")
     return errors
+
+
+def _virtual_pipeline_errors(m: ModelConfig, p: ParallelConfig) -> list[str]:
+    """Interleaving needs pipeline ranks to interleave, and whole layers in every chunk."""
+    vp = p.virtual_pipeline
+    if vp < 1:
+        return [f"parallel.virtual_pipeline={vp} must be >= 1"]
+    if vp == 1:
+        return []
+    if p.pipeline < 2:
+        return [f"parallel.virtual_pipeline={vp} needs parallel.pipeline >= 2 (it interleaves "
+                "model chunks across pipeline ranks)"]
+    if m.num_layers % (p.pipeline * vp):
+        return [f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline x "
+                f"parallel.virtual_pipeline = {p.pipeline * vp} (layers per model chunk)"]
+    return []
 
 
 def _batch_errors(cfg: RunConfig, world_size: int | None) -> list[str]:
@@ -136,6 +153,9 @@ def _batch_errors(cfg: RunConfig, world_size: int | None) -> list[str]:
         if gbs % (cfg.train.micro_batch_size * dp):
             errors.append(f"{key}={gbs} is not divisible by train.micro_batch_size="
                           f"{cfg.train.micro_batch_size} x data-parallel size {dp}")
+        elif cfg.parallel.virtual_pipeline > 1:
+            errors += _interleaving_errors(key, gbs // (cfg.train.micro_batch_size * dp),
+                                           cfg.parallel)
     return errors
 
 
@@ -186,6 +206,31 @@ def _optim_errors(key: str, optim: OptimConfig) -> list[str]:
 
 _DECAY_STYLES = ("cosine", "linear", "constant", "wsd")
 _WSD_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")  # Megatron's lr_wsd_decay_style
+
+
+def _interleaving_errors(key: str, microbatches: int, p: ParallelConfig) -> list[str]:
+    """Megatron's interleaved schedule runs micro-batches in groups of
+    ``microbatch_group_size`` (default: the pipeline size) per chunk; it refuses a group size
+    outside [pipeline, micro-batches] and a last group smaller than the pipeline."""
+    group = p.microbatch_group_size or p.pipeline
+    if valid_microbatch_group(microbatches, group, p.pipeline):
+        return []
+    fits = [g for g in range(p.pipeline, microbatches + 1)
+            if valid_microbatch_group(microbatches, g, p.pipeline)]
+    hint = (f"set parallel.microbatch_group_size={fits[0]}" if fits
+            else "use more micro-batches per rank")
+    why = (f"the last group would have {microbatches % group}" if group <= microbatches
+           else "a group cannot exceed them")
+    return [f"{key} gives {microbatches} micro-batches per data-parallel rank, which Megatron's "
+            f"interleaved schedule cannot run in groups of {group} at parallel.pipeline="
+            f"{p.pipeline} ({why}); {hint}"]
+
+
+def valid_microbatch_group(microbatches: int, group: int, pipeline: int) -> bool:
+    """Megatron-Core 0.16's rule (``forward_backward_pipelining_with_interleaving``)."""
+    if not pipeline <= group <= microbatches:
+        return False
+    return microbatches % group == 0 or microbatches % group >= pipeline
 
 
 _CHOICES = {

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from megatron_patches.configs import MegatronConfigs, build_megatron_configs
-from megatron_patches.model import build_gpt_model, wrap_for_training
+from megatron_patches.model import build_model_chunks, wrap_for_training
 from megatron_patches.optimizer import build_optimizer
 from megatron_patches.parallel import initialize_tp_comm_overlap
 from orchestration.cluster.distributed import DistInfo, init_distributed
@@ -30,16 +30,12 @@ class TrainingSession:
     cfg: RunConfig
     dist: DistInfo
     mc: MegatronConfigs
-    model_chunks: list  # Megatron DDP-wrapped model chunks of this pipeline rank
+    model_chunks: list  # Megatron DDP-wrapped model chunks of this pipeline rank (one per
+    # virtual pipeline stage; a single one without interleaving)
     optimizer: object  # Megatron ChainedOptimizer
     stages: list[Stage]
     _datasets: dict[tuple, StageDatasets] = field(default_factory=dict)
     _streams: object = None  # orchestration.data.streams.RunStreams, built on first use
-
-    @property
-    def model(self):
-        """The first (and, without virtual pipeline stages, only) model chunk."""
-        return self.model_chunks[0]
 
     def datasets_for(self, stage: Stage, history: list[dict] | None = None) -> StageDatasets:
         """The stage's datasets given the run's ``data_history`` (mix changes on resume):
@@ -66,7 +62,8 @@ def build_session(cfg: RunConfig, info: DistInfo | None = None) -> TrainingSessi
         log.info("%s; %s", mc.platform.describe(), "; ".join(
             f"{key} {why}" for key, why in mc.gpu_path.reasons.items()))
     initialize_tp_comm_overlap(cfg)  # TE's userbuffers, before the model (tp_comm_overlap)
-    model_chunks = [wrap_for_training(build_gpt_model(cfg, mc), mc)]
+    model_chunks = [wrap_for_training(chunk, mc, i)
+                    for i, chunk in enumerate(build_model_chunks(cfg, mc))]
     optimizer = build_optimizer(cfg, mc, model_chunks)
     stages = plan_stages(cfg)
     for stage in stages:  # build or check every stage's data now, not hours into the run

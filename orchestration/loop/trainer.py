@@ -182,7 +182,7 @@ class Trainer:
                  "callbacks": self.callbacks.state_dict()}
         t0 = time.perf_counter()
         with params_gathered(self.model_chunks):  # overlapped gathers complete: fresh weights
-            path = store.save(checkpoint_dir(self.run_dir), self.step, self.session.model,
+            path = store.save(checkpoint_dir(self.run_dir), self.step, self.model_chunks,
                               self.session.optimizer, state, self.cfg.checkpoint.keep_last,
                               self.saver, shape_config(to_dict(self.cfg)),
                               self.cfg.checkpoint.keep_every, release=self._release_label())
@@ -228,7 +228,7 @@ class Trainer:
             log.info("resumed from %s at step %d", path, self.step)
         elif self.cfg.checkpoint.load:
             path = Path(self.cfg.checkpoint.load)
-            store.load(path, self.session.model, self.session.optimizer,
+            store.load(path, self.model_chunks, self.session.optimizer,
                        self.cfg.checkpoint.load_optimizer,
                        self.cfg.checkpoint.reset_optimizer_on_reshard)
             log.info("initialised from %s (optimizer: %s)", path,
@@ -320,7 +320,7 @@ class Trainer:
         self.callbacks.on_rollback(self, from_step, self.step)
 
     def _load_full(self, path: Path) -> dict:
-        return store.load(path, self.session.model, self.session.optimizer, with_optimizer=True,
+        return store.load(path, self.model_chunks, self.session.optimizer, with_optimizer=True,
                           reset_optimizer_on_reshard=self.cfg.checkpoint.reset_optimizer_on_reshard)
 
     def _train_step(self, step: int) -> StepResult:

@@ -90,6 +90,23 @@ def activation_bytes_per_layer(
     return seq_length * micro_batch * (per_token + scores)
 
 
+def layers_in_flight(num_layers: int, pp: int, vp: int = 1,
+                     microbatch_group: int | None = None) -> float:
+    """Layer activations the first pipeline rank holds at its peak, in layers of one
+    micro-batch.
+
+    1F1B: ``pp`` micro-batches of ``L/pp`` layers, i.e. ``L``. Interleaved (``vp`` chunks of
+    ``L/(pp*vp)`` layers): Megatron-Core's warm-up on rank 0 runs ``2*(pp-1) + (vp-1)*group``
+    chunk forwards (``get_pp_rank_microbatches``; ``group`` defaults to ``pp``) before the first
+    backward, so ``warmup + 1`` are held: ``L * (1 + (pp-1)/(pp*vp))`` at the default group.
+    """
+    if vp <= 1 or pp <= 1:
+        return float(num_layers)
+    group = microbatch_group or pp
+    warmup = 2 * (pp - 1) + (vp - 1) * group
+    return (warmup + 1) * num_layers / (pp * vp)
+
+
 def memory_per_gpu(
     model: ModelConfig,
     tp: int = 1,
@@ -101,6 +118,8 @@ def memory_per_gpu(
     flash_attention: bool = True,
     grad_bytes: int = 4,
     distributed_optimizer: bool = True,
+    vp: int = 1,
+    microbatch_group: int | None = None,
 ) -> MemoryEstimate:
     """Per-GPU memory of the heaviest stage under ZeRO-1 (Megatron's distributed optimizer).
 
@@ -111,7 +130,8 @@ def memory_per_gpu(
     * optimizer: 12 bytes (fp32 master weight, Adam m and v) per parameter, additionally
       sharded over DP when the distributed optimizer is on;
     * activations: 1F1B keeps ``pp`` micro-batches in flight on the first stage, each with
-      L/pp layers, i.e. L layers of one micro-batch (Korthikanti et al. sec. 4.2), plus fp32
+      L/pp layers, i.e. L layers of one micro-batch (Korthikanti et al. sec. 4.2; more with
+      an interleaved pipeline, :func:`layers_in_flight`), plus fp32
       logits for the loss (``4*s*b*V/t``, conservatively counted on every stage). With full
       recompute only each layer's input (``2*s*b*h``, /t with SP) is kept, plus one layer's
       full activations while it is being recomputed.
@@ -124,11 +144,12 @@ def memory_per_gpu(
     layer = activation_bytes_per_layer(model, s, micro_batch, tp, sp, flash_attention)
     logits = 4.0 * s * micro_batch * padded_vocab_size(model, tp) / tp
     layer_input = 2.0 * s * micro_batch * model.hidden_size / (tp if sp else 1)
+    in_flight = layers_in_flight(model.num_layers, pp, vp, microbatch_group)
     return MemoryEstimate(
         params_per_gpu=n,
         weights=2.0 * n,
         grads=float(grad_bytes) * n,
         optimizer=ADAM_BYTES_PER_PARAM * n / (dp if distributed_optimizer else 1),
-        activations=model.num_layers * layer + logits,
-        activations_full_recompute=model.num_layers * layer_input + layer + logits,
+        activations=in_flight * layer + logits,
+        activations_full_recompute=in_flight * layer_input + layer + logits,
     )
