@@ -112,8 +112,7 @@ def gpu_defaults(cfg: RunConfig, platform: Platform, layer_spec: str) -> GpuPath
     interleaved = p.virtual_pipeline > 1
     align = _setting("parallel.align_param_gather", p.align_param_gather,
                      interleaved and gather, "needs the interleaved (virtual pipeline) schedule "
-                     "and overlap_param_gather" if not (interleaved and not gather and cuda)
-                     else "needs overlap_param_gather", why, default=cuda)
+                     "and overlap_param_gather", why, default=cuda)
     why["jit fusions"] = "on (CUDA)" if cuda else f"off ({no_cuda})"
     why["layer spec"] = layer_spec
     return GpuPath(jit_fusions=cuda, rope_fusion=rope, grad_accum_fusion=wgrad,
