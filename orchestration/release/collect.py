@@ -138,7 +138,9 @@ def _add_results(tasks: dict, step: int, results: dict, higher: dict) -> None:
             metric = name if filt in ("", "none") else f"{name} ({filt})"
             stderr = values.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr")
             entry = tasks.setdefault(task, {}).setdefault(
-                metric, {"higher_is_better": (higher.get(task) or {}).get(name), "points": {}})
+                metric, {"higher_is_better": None, "points": {}})
+            if entry["higher_is_better"] is None:  # only lm-eval's full output says
+                entry["higher_is_better"] = (higher.get(task) or {}).get(name)
             entry["points"][str(step)] = [float(value), float(stderr) if _finite(stderr)
                                           else None]
 
