@@ -145,22 +145,25 @@ def test_evaluation_results_reach_both_trackers(logged_run):
     assert {float(r["eval/gsm8k/exact_match/strict-match"]) for r in rows} == {0.1}
 
 
-def test_in_training_eval_results_are_logged(tmp_path):
+def test_in_training_eval_records_use_the_checkpoint_step(tmp_path):
+    """The in-training lm-eval hook's record (scores of checkpoint 10 arriving at step 12)."""
     import json
 
     from orchestration.config import LoggingConfig
-    from orchestration.metrics.logger import MetricsLogger
+    from orchestration.metrics.logger import MetricsLogger, tracker_metrics
 
+    record = {"step": 12, "lm_eval/checkpoint_step": 10, "time": 1.7e9,
+              "lm_eval/tiny_mc/acc": 0.4, "lm_eval/tiny_mc/acc_norm": 0.3}
+    assert tracker_metrics(record) == {"eval/step": 10.0, "eval/tiny_mc/acc": 0.4,
+                                       "eval/tiny_mc/acc_norm": 0.3}
     cfg = LoggingConfig(wandb_mode="disabled", tensorboard=True)
     logger = MetricsLogger(tmp_path, cfg, "x", {}, enabled=True)
-    logger.log({"step": 1, "loss": 3.0})
-    logger.log_eval(1, LM_EVAL_RESULTS)
-    logger.event("stage_start", step=1, index=0, tokens=10)
+    logger.log({"step": 12, "loss": 3.0})
+    logger.log(record)
+    logger.event("stage_start", step=13, index=1, tokens=10)
     logger.close()
     scalars = _scalars(tmp_path / "tensorboard")
-    assert scalars["eval/tiny_mc/acc"] == [(1, pytest.approx(0.4))]
-    assert set(scalars) == {"train/loss", *(k for k in scalars if k.startswith("eval/"))}
+    assert scalars["eval/tiny_mc/acc"] == [(10, pytest.approx(0.4))]
+    assert set(scalars) == {"train/loss", "eval/tiny_mc/acc", "eval/tiny_mc/acc_norm"}
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[1] == {"event": "lm_eval", "step": 1,
-                        "metrics": {k: v for k, v in lines[1]["metrics"].items()}}
-    assert lines[1]["metrics"]["eval/tiny_mc/acc"] == 0.4
+    assert lines[1] == record  # the JSONL keeps the record as logged

@@ -13,9 +13,9 @@ would otherwise become meaningless charts).
 W&B runs offline by default (``logging.wandb_mode=offline``): nothing needs a network, and
 ``wandb sync <run_dir>/wandb/offline-run-*`` uploads later. ``logging.tensorboard=true`` writes
 ``<run_dir>/tensorboard/`` (``tensorboard --logdir <run_dir>/tensorboard``). Only the main rank
-logs. lm-eval results (``eval/<task>/<metric>``) reach both, from the in-training hook through
-:meth:`MetricsLogger.log_eval` or after the fact from ``orchestration.evaluate`` through
-:func:`publish_eval_results`.
+logs. lm-eval results (``eval/<task>/<metric>``, against ``eval/step``, the scored
+checkpoint's step) reach both: from the in-training hook's ``lm_eval/...`` records, and after
+the fact from ``orchestration.evaluate`` through :func:`publish_eval_results`.
 """
 
 from __future__ import annotations
@@ -43,9 +43,12 @@ TRACKER_NAMES = {
     "val_loss": "val/loss",
     "val_ppl": "val/ppl",
 }
-TRACKER_PREFIXES = {"val_loss/": "val/loss/", "val_ppl/": "val/ppl/"}
-# Not metrics: the x axis, and a constant of the model (it is in the run's config).
-NOT_METRICS = {"step", "flops_per_token"}
+# The in-training lm-eval hook (callbacks/lm_eval.py) logs ``lm_eval/<task>/<metric>`` with
+# ``lm_eval/checkpoint_step``, the step of the checkpoint it scored.
+TRACKER_PREFIXES = {"val_loss/": "val/loss/", "val_ppl/": "val/ppl/", "lm_eval/": "eval/"}
+TRACKER_NAMES["lm_eval/checkpoint_step"] = "eval/step"
+# Not metrics: the x axis, a constant of the model (it is in the run's config), a wall clock.
+NOT_METRICS = {"step", "flops_per_token", "time"}
 EVAL_STEP = "eval/step"  # W&B's x axis for lm-eval results (logged after the fact, any order)
 
 
@@ -121,28 +124,18 @@ class MetricsLogger:
         """A non-metric event (stage change, skipped batch, checkpoint) in the same JSONL."""
         self.log({"event": kind, **fields}, echo=True)
 
-    def log_eval(self, step: int, results: dict[str, Any]) -> None:
-        """lm-eval ``results`` of the model after ``step`` (the in-training eval hook): one
-        ``{"event": "lm_eval", "step", "metrics"}`` line and ``eval/<task>/<metric>`` in the
-        trackers."""
-        if not self.enabled:
-            return
-        metrics = eval_metrics(results)
-        self._file.write(json.dumps({"event": "lm_eval", "step": step, "metrics": metrics}) + "\n")
-        if self._wandb is not None:
-            self._wandb.log({**metrics, EVAL_STEP: step})
-        if self._tensorboard is not None:
-            self._tensorboard.scalars(metrics, step)
-        log.info("[lm_eval] step %d %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-
     def _track(self, record: dict[str, Any]) -> None:
         step = int(record.get("step") or 0)
         metrics = tracker_metrics(record)
         if self._tensorboard is not None:
             if "event" in record:
                 self._tensorboard.text(f"events/{record['event']}", format_record(record), step)
-            else:
-                self._tensorboard.scalars(metrics, step)
+            else:  # lm-eval scores belong to the checkpoint's step, not the step they arrived
+                evals = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+                eval_step = int(evals.pop(EVAL_STEP, step))
+                self._tensorboard.scalars({k: v for k, v in metrics.items()
+                                           if not k.startswith("eval/")}, step)
+                self._tensorboard.scalars(evals, eval_step)
         if self._wandb is not None and metrics:
             self._wandb.log(metrics, step=step)
 

@@ -122,7 +122,8 @@ def evaluations(run_dir: Path) -> dict[str, Any]:
         if step is None or not isinstance(doc.get("results"), dict):
             continue
         files.setdefault(int(step), []).append(str(path))
-        _add_results(tasks, int(step), doc["results"], doc.get("higher_is_better") or {})
+        scores = {**(doc.get("groups") or {}), **doc["results"]}  # group aggregates too
+        _add_results(tasks, int(step), scores, doc.get("higher_is_better") or {})
     return {"checkpoints": sorted(files), "tasks": tasks, "files": files}
 
 
