@@ -60,12 +60,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _gallery(run_dir: Path) -> None:
-    """Score and prompt every kept checkpoint, then build the run's gallery."""
+    """Score and prompt every kept checkpoint, write the data sequence, build the gallery."""
+    from importlib.util import find_spec
+
     steps = [
         ["orchestration.evaluate", "--all-checkpoints", str(run_dir), "--tasks", "tiny_mc"],
         ["orchestration.prompts", str(run_dir), "--max-new-tokens", "32"],
-        ["orchestration.gallery", str(run_dir), "--out", str(run_dir / "gallery")],
     ]
+    if find_spec("orchestration.data_sequence") is not None:
+        steps.append(["orchestration.data_sequence", str(run_dir), "--format", "jsonl",
+                      "--output", str(run_dir / "data_sequence.jsonl")])
+    steps.append(["orchestration.gallery", str(run_dir), "--out", str(run_dir / "gallery")])
     for args in steps:
         cmd = [sys.executable, "-m", *args]
         print("$ " + " ".join(cmd), flush=True)

@@ -30,11 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="site folder (default: <run_dir>/gallery)")
     p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS,
                    help="the prompt set whose order the prompt gallery follows")
+    p.add_argument("--data-sequence", type=Path, action="append", metavar="FILE",
+                   help="a data-sequence file to link (repeatable; default: the run dir's "
+                        "data_sequence*, as written by python -m orchestration.data_sequence "
+                        "RUN_DIR --output RUN_DIR/data_sequence.jsonl)")
     p.add_argument("--screenshots", type=Path, metavar="DIR",
                    help="save <view>.png of each view, rendered in headless chromium")
     args = p.parse_args(argv)
     try:
-        index = build_site(args.run_dir, args.out or args.run_dir / "gallery", args.prompts)
+        index = build_site(args.run_dir, args.out or args.run_dir / "gallery", args.prompts,
+                           args.data_sequence)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -114,6 +114,7 @@ def test_site_is_self_contained(run_dir, tmp_path):
     from orchestration.gallery import main
 
     site = tmp_path / "site"
+    (run_dir / "data_sequence.jsonl").write_text('{"step": 1}\n')
     assert main([str(run_dir), "--out", str(site)]) == 0
     page = (site / "index.html").read_text()
     assert (site / "plotly.min.js").stat().st_size > 1_000_000
@@ -134,6 +135,7 @@ def test_site_is_self_contained(run_dir, tmp_path):
     record = next((site / "record").iterdir())
     assert (record / "config.yaml").is_file() and (site / "skipped_batches.jsonl").is_file()
     assert '<a href="../run/metrics.jsonl">' in page
+    assert '<a href="../run/data_sequence.jsonl">' in page
 
 
 def test_site_replaces_only_a_gallery(run_dir, tmp_path):

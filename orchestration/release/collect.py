@@ -248,15 +248,19 @@ def _at_cwd(src, cwd: str | None):
 
 
 def data_sequences(run_dir: Path) -> list[str]:
-    """What ``python -m orchestration.data_sequence RUN_DIR`` wrote (any ``data_sequence*``)."""
+    """What ``python -m orchestration.data_sequence RUN_DIR --output RUN_DIR/data_sequence.jsonl``
+    wrote (any ``data_sequence*`` in the run directory)."""
     return sorted(str(p) for p in run_dir.glob("data_sequence*"))
 
 
-def collect(run_dir: Path, prompt_set: Path | None = None) -> dict[str, Any]:
+def collect(run_dir: Path, prompt_set: Path | None = None,
+            sequences: list[Path] | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"{run_dir}/metrics.jsonl not found: not a run directory")
     return {"run": {"name": run_dir.resolve().name, "run_dir": str(run_dir.resolve())},
             "curves": curves(run_dir), "eval": evaluations(run_dir),
             "prompts": prompt_answers(run_dir, prompt_set), "mix": data_mix(run_dir),
-            "records": records(run_dir), "data_sequences": data_sequences(run_dir)}
+            "records": records(run_dir),
+            "data_sequences": [str(p) for p in sequences] if sequences
+            else data_sequences(run_dir)}

@@ -118,7 +118,8 @@ def _record_view(data: dict[str, Any], site: Path, run_dir: Path) -> str:
     seq = [_link(site, p) for p in data["data_sequences"]]
     links.append("data sequence: " + (", ".join(seq) if seq else
                  '<span class="missing">not written yet (python -m orchestration.data_sequence '
-                 f'{_e(run_dir)})</span>'))
+                 f'{_e(run_dir)} --format jsonl --output {_e(run_dir)}/data_sequence.jsonl)'
+                 '</span>'))
     parts = ['<div class="card"><h3>Links</h3><ul>'
              + "".join(f'<li class="link">{x}</li>' for x in links) + "</ul></div>"]
     if not data["records"]:
@@ -157,12 +158,14 @@ def render(data: dict[str, Any], site: Path, run_dir: Path) -> str:
         f'<script>{(ASSETS / "gallery.js").read_text()}</script></body></html>\n')
 
 
-def build_site(run_dir: Path, out: Path, prompt_set: Path | None = DEFAULT_PROMPTS) -> Path:
-    """Write the gallery of ``run_dir`` to ``out``; return ``out/index.html``."""
+def build_site(run_dir: Path, out: Path, prompt_set: Path | None = DEFAULT_PROMPTS,
+               sequences: list[Path] | None = None) -> Path:
+    """Write the gallery of ``run_dir`` to ``out``; return ``out/index.html``. ``sequences``:
+    the data-sequence files to link (default: ``<run_dir>/data_sequence*``)."""
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not (out / MARKER).is_file() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a gallery (no {MARKER}): not replacing it")
-    data = collect(run_dir, prompt_set)
+    data = collect(run_dir, prompt_set, sequences)
     data["run"]["built_utc"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     data["figures"] = {"curves": curve_figures(data["curves"]), "mix": mix_figure(data["mix"])}
     out.parent.mkdir(parents=True, exist_ok=True)
