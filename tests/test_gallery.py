@@ -198,3 +198,12 @@ def test_answers_match_the_training_model_and_are_cached(megatron_env, corpus, t
     assert answer_checkpoint(ckpt, cfg.run_dir, edited, "t", max_new_tokens=6)[1] == 1
     again = read_answers(path)
     assert again[0] == rows[0] and again[1]["prompt"] == "import os"
+
+
+def test_long_curves_are_thinned_but_keep_the_last_step():
+    from orchestration.release.figures import MAX_POINTS, _thin
+
+    points = [[s, float(s)] for s in range(1, 3 * MAX_POINTS + 2)]
+    thin = _thin(points)
+    assert len(thin) <= MAX_POINTS + 1 and thin[0] == points[0] and thin[-1] == points[-1]
+    assert _thin(points[:MAX_POINTS]) == points[:MAX_POINTS]

@@ -78,13 +78,18 @@ def test_eval_comparison_follows_the_selectors(page, site):
     assert data["checkpoints"] == [5, 10]
     page.show("eval")
     acc = data["tasks"]["tiny_mc"]["acc"]["points"]
+
+    def cell(step: str) -> str:  # value, and ± stderr where lm-eval computed one
+        value, stderr = acc[step]
+        return f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
     row = "#eval-rows tr[data-task='tiny_mc'][data-metric='acc'] td[data-col='{}']"
-    assert page.text(row.format("a")) == [f"{acc['5'][0]:.4f}"]
-    assert page.text(row.format("b")) == [f"{acc['10'][0]:.4f}"]
+    assert page.text(row.format("a")) == [cell("5")]
+    assert page.text(row.format("b")) == [cell("10")]
     page.select("eval-a", "10")
     page.select("eval-b", "5")
-    assert page.text(row.format("a")) == [f"{acc['10'][0]:.4f}"]
-    assert page.text(row.format("b")) == [f"{acc['5'][0]:.4f}"]
+    assert page.text(row.format("a")) == [cell("10")]
+    assert page.text(row.format("b")) == [cell("5")]
     assert page.text("#eval-head-a") == ["A: step 10"]
     delta = acc["5"][0] - acc["10"][0]
     assert page.text(row.format("delta"))[0].startswith(f"{'+' if delta >= 0 else '-'}"

@@ -4,7 +4,8 @@ Every curve is against the global step, with the same marks: stage starts (dashe
 skipped batches (red crosses; a spike far above the accepted steps' range is drawn at the top
 edge with its value in the hover, so one spike never flattens the curve), windows deferred to
 the end of their stage (shaded) and rollbacks (dotted lines). Long runs are thinned to
-``MAX_POINTS`` per line (every k-th step, the last one kept); marks are never thinned.
+``MAX_POINTS`` per line (every k-th step, the last one kept); marks are never thinned. Plots
+are SVG (no WebGL: it needs a GPU or a software fallback that headless browsers may lack).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import plotly.graph_objects as go
 import plotly.io as pio
 
-MAX_POINTS = 20_000
+MAX_POINTS = 10_000
 SKIP_COLOR = "#d62728"
 
 
@@ -32,10 +33,9 @@ def _xy(points: list[list[float]]) -> tuple[list, list]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _scatter(points, name: str, **kwargs) -> go.Scatter | go.Scattergl:
-    cls = go.Scattergl if len(points) > 5000 else go.Scatter
+def _scatter(points, name: str, **kwargs) -> go.Scatter:
     x, y = _xy(points)
-    return cls(x=x, y=y, name=name, **kwargs)
+    return go.Scatter(x=x, y=y, name=name, **kwargs)
 
 
 def _marks(fig: go.Figure, c: dict[str, Any]) -> None:
