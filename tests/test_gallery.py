@@ -125,9 +125,11 @@ def test_site_is_self_contained(run_dir, tmp_path):
     assert "https://" not in page
     payload = re.search(r'<script type="application/json" id="gallery-data">(.*?)</script>',
                         page, re.S).group(1)
-    assert "</script>" not in payload.lower().replace("<\\/script>", "")
+    assert "<" not in payload  # answers hold "<script>": escaped inside the JSON
     data = json.loads(payload)
     assert data["eval"]["checkpoints"] == [5, 10]
+    assert data["prompts"]["answers"]["10"]["history-printing-press"] == (
+        "answer 10 <script>alert(1)</script>")
     assert set(data["figures"]["curves"]) == {"loss", "lr", "grad_norm", "throughput"}
     loss = data["figures"]["curves"]["loss"]
     assert "skipped (3)" in [t.get("name") for t in loss["data"]]

@@ -139,7 +139,7 @@ def _record_view(data: dict[str, Any], site: Path, run_dir: Path) -> str:
 
 def render(data: dict[str, Any], site: Path, run_dir: Path) -> str:
     payload = json.dumps({k: data[k] for k in ("run", "eval", "prompts", "figures")},
-                         separators=(",", ":")).replace("</", "<\\/")
+                         separators=(",", ":")).replace("<", "\\u003c")  # no </script>, <!--
     bodies = {"curves": _curves_view(), "eval": _eval_view(), "prompts": _prompts_view(),
               "mix": _mix_view(data["mix"]), "record": _record_view(data, site, run_dir)}
     nav = "".join(f'<a id="tab-{v}" href="#{v}">{_e(t)}</a>' for v, t in VIEWS)
