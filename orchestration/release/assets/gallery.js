@@ -138,8 +138,15 @@
     const cell = el("div", { "data-col": cls });
     cell.appendChild(el("h4", { class: "tag-" + cls }, label + ": step " + step));
     const answers = PROMPTS.answers[String(step)] || {};
-    if (id in answers) cell.appendChild(el("pre", {}, answers[id]));
-    else cell.appendChild(el("div", { class: "missing" }, "no answer at this checkpoint"));
+    if (id in answers) {
+      if (answers[id].trim() === "") {  // a model that answers only newlines or spaces
+        cell.appendChild(el("div", { class: "missing" },
+          "(whitespace only: " + answers[id].length + " characters)"));
+      }
+      cell.appendChild(el("pre", {}, answers[id]));
+    } else {
+      cell.appendChild(el("div", { class: "missing" }, "no answer at this checkpoint"));
+    }
     return cell;
   }
 
