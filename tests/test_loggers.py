@@ -30,7 +30,7 @@ def wandb_history(run_dir: Path) -> list[dict]:
     from wandb.proto import wandb_internal_pb2
 
     rows = []
-    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+    for path in sorted(run_dir.glob("**/wandb/offline-run-*/run-*.wandb")):
         data, pos, pending = path.read_bytes(), 7, b""
         assert data[:4] == b":W&B"
         while pos + 7 <= len(data):
@@ -140,6 +140,7 @@ def test_evaluation_results_reach_both_trackers(logged_run):
     assert "eval/tiny_mc/acc_norm_stderr" not in scalars  # 'N/A'
     # The training run's own scalars are untouched by the evaluation's writer.
     assert len(_scalars(logged_run / "tensorboard")["train/loss"]) == 6
+    assert len(list(logged_run.glob("eval/wandb/step_*/wandb/offline-run-*"))) == 2
     rows = [r for r in wandb_history(logged_run) if "eval/tiny_mc/acc" in r]
     assert sorted(float(r["eval/step"]) for r in rows) == [3.0, 6.0]
     assert {float(r["eval/gsm8k/exact_match/strict-match"]) for r in rows} == {0.1}

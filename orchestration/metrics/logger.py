@@ -187,8 +187,9 @@ def tensorboard_dir(run_dir: Path, cfg: LoggingConfig) -> Path:
 
 
 def start_wandb(run_dir: Path, cfg: LoggingConfig, name: str, config: dict[str, Any],
-                suffix: str = "", job_type: str | None = None):
-    """The run's W&B run (one per run directory and ``suffix``), or None without wandb."""
+                suffix: str = "", job_type: str | None = None, files_dir: Path | None = None):
+    """The run's W&B run (one per run directory and ``suffix``), or None without wandb.
+    Its files go to ``files_dir/wandb`` (default: the run directory's ``wandb/``)."""
     try:
         import wandb
     except ImportError:
@@ -196,7 +197,8 @@ def start_wandb(run_dir: Path, cfg: LoggingConfig, name: str, config: dict[str, 
         return None
     os.environ.setdefault("WANDB_SILENT", "true")
     run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=name + suffix,
-                     id=_stable_id(run_dir) + suffix, resume="allow", dir=str(run_dir),
+                     id=_stable_id(run_dir) + suffix, resume="allow",
+                     dir=str(files_dir or run_dir),
                      mode=cfg.wandb_mode, config=config, group=name, job_type=job_type)
     # lm-eval results arrive per checkpoint, in any order and after the training steps:
     # they get their own x axis instead of W&B's monotonic step.
@@ -219,8 +221,9 @@ def publish_eval_results(run_dir: Path, step: int, results: dict[str, Any],
     The logging settings and name come from the run's newest record unless given. TensorBoard
     gets ``<tensorboard dir>/eval`` (a run of its own there, so a training restart's purge never
     hides evaluations); W&B gets a ``<name>-eval`` run in the training run's group (a finished
-    or still-running training run cannot safely take writes from a second process). Returns
-    the trackers written to.
+    or still-running training run cannot safely take writes from a second process), its
+    offline files in ``<run_dir>/eval/wandb/step_XXXXXXXX/wandb/`` (``wandb sync`` them).
+    Returns the trackers written to.
     """
     if cfg is None or name is None:
         saved_cfg, saved_name = _run_logging(Path(run_dir))
@@ -233,7 +236,12 @@ def publish_eval_results(run_dir: Path, step: int, results: dict[str, Any],
         write_eval_events(tensorboard_dir(Path(run_dir), cfg) / "eval", step, metrics)
         done.append("tensorboard")
     if cfg.wandb_mode != "disabled":
-        run = start_wandb(Path(run_dir), cfg, name, {}, suffix="-eval", job_type="eval")
+        # W&B names an offline run's folder by the second it started: one folder per
+        # checkpoint, so array tasks finishing in the same second never share one.
+        files = Path(run_dir) / "eval" / "wandb" / f"step_{step:08d}"
+        files.mkdir(parents=True, exist_ok=True)
+        run = start_wandb(Path(run_dir), cfg, name, {}, suffix="-eval", job_type="eval",
+                          files_dir=files)
         if run is not None:
             run.log({**metrics, EVAL_STEP: step})
             run.finish()
