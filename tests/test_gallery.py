@@ -105,9 +105,14 @@ def test_deferred_window_in_steps():
     from orchestration.release.collect import _deferred
 
     stages = [{"step": 1, "index": 0}, {"step": 101, "index": 1}]
-    log = [{"kind": "defer", "stage_index": 1, "stage": "s2", "batches": [10, 20], "step": 125}]
-    assert _deferred(log, stages) == [{"stage": "s2", "first_step": 111, "last_step": 120,
-                                       "decided_at": 125}]
+    log = [{"kind": "defer", "stage_index": 1, "stage": "s2", "batches": [10, 20], "step": 125},
+           {"kind": "defer", "stage_index": -1, "stage": "training", "batches": [95, 110],
+            "step": 112}]  # spike.defer_to=training_end: run positions (step - 1)
+    assert _deferred(log, stages) == [
+        {"stage": "s2", "first_step": 111, "last_step": 120, "decided_at": 125,
+         "to": "stage end"},
+        {"stage": "training", "first_step": 96, "last_step": 110, "decided_at": 112,
+         "to": "training end"}]
 
 
 def test_site_is_self_contained(run_dir, tmp_path):

@@ -85,10 +85,15 @@ def _skipped(from_metrics: dict[int, str], skip_log: list[dict], train: dict[int
     return [by_step[s] for s in sorted(by_step)]
 
 
+RUN_SCOPE = -1  # a defer entry's stage_index when the window went to the end of training
+
+
 def _deferred(skip_log: list[dict], stages: list[dict]) -> list[dict[str, Any]]:
-    """Deferred windows in steps: the batches ``[start, end)`` of stage ``stage_index`` that
-    would have trained at those steps were moved to the end of the stage."""
-    first = {s.get("index"): s.get("step") for s in stages}
+    """Deferred windows in steps: the batches ``[start, end)`` that would have trained at
+    those steps, moved to the end of stage ``stage_index`` (positions in that stage), or to
+    the end of training (``stage_index`` -1, ``spike.defer_to=training_end``: positions in
+    the run, step - 1)."""
+    first = {s.get("index"): s.get("step") for s in stages} | {RUN_SCOPE: 1}
     out = []
     for e in skip_log:
         if e.get("kind") != "defer" or first.get(e.get("stage_index")) is None:
@@ -96,7 +101,8 @@ def _deferred(skip_log: list[dict], stages: list[dict]) -> list[dict[str, Any]]:
         start, end = e["batches"]
         base = first[e["stage_index"]]
         out.append({"stage": e.get("stage"), "first_step": base + start,
-                    "last_step": base + end - 1, "decided_at": e.get("step")})
+                    "last_step": base + end - 1, "decided_at": e.get("step"),
+                    "to": "training end" if e["stage_index"] == RUN_SCOPE else "stage end"})
     return out
 
 

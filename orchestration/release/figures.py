@@ -46,7 +46,8 @@ def _marks(fig: go.Figure, c: dict[str, Any]) -> None:
                           annotation_font_size=10)
     for d in c["deferred"]:
         fig.add_vrect(x0=d["first_step"] - 0.5, x1=d["last_step"] + 0.5, fillcolor="orange",
-                      opacity=0.15, line_width=0, annotation_text="deferred",
+                      opacity=0.15, line_width=0,
+                      annotation_text=f"deferred to {d.get('to', 'stage end')}",
                       annotation_position="bottom left", annotation_font_size=10)
     for r in c["rollbacks"]:
         if isinstance(r.get("to_step"), (int, float)):
