@@ -71,6 +71,22 @@ def test_loads_without_errors_or_network(page):
     assert page.external_requests() == []
 
 
+def test_curves_mark_stages_and_skips(page, site):
+    import json
+
+    page.show("curves")
+    loss = page.driver.execute_script(
+        "const n = document.getElementById('plot-loss');"
+        "return {names: n.data.map(t => t.name), shapes: n.layout.shapes.map(s => "
+        "[s.x0, s.line.dash])}")
+    skipped = [json.loads(x)["step"] for x in
+               (site[0] / "skipped_batches.jsonl").read_text().splitlines()]
+    assert 7 in skipped  # the spike drill
+    assert f"skipped ({len(skipped)})" in loss["names"]
+    assert {"train", "held-out"} <= set(loss["names"])
+    assert [x for x, dash in loss["shapes"] if dash == "dash"] == [1, 7]  # stage starts
+
+
 def test_eval_comparison_follows_the_selectors(page, site):
     from orchestration.release.collect import evaluations
 
