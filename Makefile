@@ -23,8 +23,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m orchestration.demo
 
+# Browser tests (the gallery in headless chromium) need apt's chromium + chromium-driver: CI
+# runs them after the slow tests (.ci/run); `make test-all` runs them when chromium is there.
 test: setup
-	$(PY) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not slurm and not browser" $(PYTEST_ARGS)
 
 test-all: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

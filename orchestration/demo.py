@@ -5,7 +5,9 @@ generated arithmetic), trains its tokenizer, tokenizes it to Megatron indexed fi
 mix, trains the tiny LLaMA through the real CLI (``python -m orchestration.train
 experiment=demo``), then reports the loss against the corpus' unigram entropy: a model that
 learned nothing beyond token frequencies sits at the entropy, so falling well below it is proof
-of learning. Exits non-zero if it does not.
+of learning. Exits non-zero if it does not. It ends as a release does: every kept checkpoint
+scored by lm-eval (``tiny_mc``) and answering the curated prompts, built into the run's
+gallery (``runs/demo/gallery/index.html``, opened from disk), whose path it prints last.
 """
 
 from __future__ import annotations
@@ -53,7 +55,28 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(cmd, check=True)
     status = _report(run_dir, entropy)
     _export_and_sample(run_dir)
+    _gallery(run_dir)
     return status
+
+
+def _gallery(run_dir: Path) -> None:
+    """Score and prompt every kept checkpoint, write the data sequence, build the gallery."""
+    from importlib.util import find_spec
+
+    steps = [
+        ["orchestration.evaluate", "--all-checkpoints", str(run_dir), "--tasks", "tiny_mc"],
+        ["orchestration.prompts", str(run_dir), "--max-new-tokens", "32"],
+    ]
+    if find_spec("orchestration.data_sequence") is not None:
+        steps.append(["orchestration.data_sequence", str(run_dir), "--format", "jsonl",
+                      "--output", str(run_dir / "data_sequence.jsonl")])
+    steps.append(["orchestration.gallery", str(run_dir), "--out", str(run_dir / "gallery")])
+    for args in steps:
+        cmd = [sys.executable, "-m", *args]
+        print("$ " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    print(f"\ngallery (open it in a browser, no server needed): "
+          f"{(run_dir / 'gallery' / 'index.html').resolve()}")
 
 
 def _export_and_sample(run_dir: Path) -> None:

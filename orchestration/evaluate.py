@@ -144,6 +144,7 @@ def evaluate_run(
             hf_dir = export(ckpt, cache / ckpt.name)
             result = evaluate(hf_dir, tasks, limit, include)
             write_json_atomic(out, result)
+            publish(run_dir, read_metadata(ckpt)["step"], result)
             if not keep_exports:
                 shutil.rmtree(hf_dir, ignore_errors=True)
         rows.append({"step": read_metadata(ckpt)["step"], **metrics(result)})
@@ -151,6 +152,17 @@ def evaluate_run(
         cache.rmdir()
     write_table(rows, eval_dir / "benchmarks")
     return rows
+
+
+def publish(run_dir: Path, step: int, result: dict[str, Any]) -> None:
+    """Send the results to the run's W&B/TensorBoard as ``eval/<task>/<metric>`` (its logging
+    settings from the run record). The JSON is the record: a tracker failure only warns."""
+    from orchestration.metrics.logger import publish_eval_results
+
+    try:
+        publish_eval_results(Path(run_dir), step, result["results"])
+    except Exception as err:  # noqa: BLE001 -- W&B/TensorBoard must not lose a scored result
+        print(f"warning: evaluation results not sent to W&B/TensorBoard: {err!r}")
 
 
 def _cached(path: Path, tasks: list[str], limit: int | None) -> dict[str, Any] | None:
@@ -216,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     result = evaluate(args.hf_dir, tasks, args.limit, args.include)
     out = args.output or default_output(args.hf_dir)
     write_json_atomic(out, result)
+    info = _export_info(args.hf_dir)
+    if args.output is None and out.parent.name == "eval" and info.get("step") is not None:
+        publish(out.parent.parent, int(info["step"]), result)
     print(json.dumps(metrics(result), indent=2), f"\nwritten to {out}")
 
 

@@ -291,6 +291,9 @@ class LoggingConfig:
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "open-pretrain"
     wandb_entity: str | None = None
+    # TensorBoard event files (offline, next to W&B): <run_dir>/tensorboard unless a dir is given.
+    tensorboard: bool = False
+    tensorboard_dir: str | None = None
 
 
 @dataclass
