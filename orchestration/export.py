@@ -68,9 +68,12 @@ def export(ckpt: Path, out: Path, run_config: Path | None = None, dtype: str = "
 
 
 def _provenance(ckpt: Path, cfg: RunConfig, factors: MupFactors) -> dict:
+    from megatron_patches.checkpointing import load_common
+
     return {
         "checkpoint": str(ckpt),
         "step": read_metadata(ckpt).get("step"),
+        "consumed_tokens": load_common(ckpt).get("trainer", {}).get("consumed_tokens"),
         "run_name": cfg.name,
         "mup_folded": factors.__dict__,
     }
