@@ -86,7 +86,7 @@ def evaluate_checkpoint(ckpt: Path, tasks: list[str], options: EvalOptions = Eva
         return store.read_results(output)
     hf_dir = Path(export_dir or output.parent.parent / "hf") / ckpt.name
     if _export_info(hf_dir).get("checkpoint") != str(ckpt):
-        export(ckpt, hf_dir)
+        export(ckpt, hf_dir, dtype=options.resolved_dtype())
     try:
         return evaluate(hf_dir, tasks, options, include, output)
     finally:
