@@ -68,3 +68,16 @@ def check_batch_size(text: str) -> str:
     if text == "auto" or (text.startswith("auto:") and text[5:].isdigit()):
         return text
     raise ValueError(f"--batch-size {text!r}: expected a positive integer, 'auto' or 'auto:N'")
+
+
+def to_cli_args(options: EvalOptions) -> list[str]:
+    """``options`` as ``orchestration.evaluate`` arguments (what the in-training hook runs)."""
+    args = ["--device", options.device, "--dtype", options.dtype, "--batch-size",
+            options.batch_size, "--bootstrap-iters", str(options.bootstrap_iters)]
+    for flag, value in (("--max-batch-size", options.max_batch_size),
+                        ("--num-fewshot", options.num_fewshot), ("--limit", options.limit),
+                        ("--seed", options.seed)):
+        if value is not None:
+            args += [flag, str(value)]
+    args += ["--log-samples"] if options.log_samples else []
+    return args + (["--parallelize"] if options.parallelize else [])
