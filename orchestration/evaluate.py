@@ -28,6 +28,7 @@ from typing import Any
 
 from orchestration.checkpoint.layout import checkpoint_dir, complete_checkpoints, read_metadata
 from orchestration.common.files import write_json_atomic
+from orchestration.common.quiet import install_warning_filters
 from orchestration.evaluation import results as store
 from orchestration.evaluation.options import (
     DTYPES,
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep-exports", action="store_true", help="keep the exported folders")
     add_option_args(p)
     args = p.parse_args(argv)
+    install_warning_filters()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     path = args.all_checkpoints or args.path
     if path is None or (args.all_checkpoints and args.path):

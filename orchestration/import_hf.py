@@ -30,6 +30,7 @@ import torch
 
 from orchestration.checkpoint.layout import INFO_FILE, shape_config
 from orchestration.common.files import write_json_atomic, write_text_atomic
+from orchestration.common.quiet import install_warning_filters
 from orchestration.config import (
     ConfigError,
     ParallelConfig,
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.model is None and args.run_config is None:
         p.error("give --model SIZE (or --run-config with the run's model)")
+    install_warning_filters()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         import_hf(args.hf_dir, args.out, args.model, args.tp, args.pp, args.run_config)
