@@ -238,3 +238,26 @@ def test_mup_run_imports_with_multipliers_divided_out(megatron_env, corpus, tmp_
     for name, tensor in model.state_dict().items():
         if isinstance(tensor, torch.Tensor) and not name.endswith("_extra_state"):
             torch.testing.assert_close(again.state_dict()[name], tensor, atol=1e-6, rtol=1e-6)
+
+
+def test_old_pytorch_bin_release_with_rope_buffers(megatron_env, hf_native, tmp_path):
+    """pytorch_model.bin (pre-safetensors releases), with the rotary inv_freq buffers old Llama
+    checkpoints saved: the same checkpoint as from the safetensors folder."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from orchestration.hf.folder import read_weights
+    from orchestration.import_hf import import_hf
+
+    cfg, hf_dir = hf_native
+    old = tmp_path / "old"
+    shutil.copytree(hf_dir, old)
+    weights = load_file(str(old / "model.safetensors"))
+    (old / "model.safetensors").unlink()
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    torch.save(weights, old / "pytorch_model.bin")
+    got, ref = read_weights(old), read_weights(hf_dir)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    out = import_hf(old, tmp_path / "imported", model_yaml(cfg, tmp_path / "m.yaml"))
+    assert (out / "checkpoint_info.json").is_file()

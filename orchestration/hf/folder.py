@@ -96,14 +96,22 @@ def check_config(hf: dict[str, Any], m: ModelConfig, where: Path) -> None:
             f"{where}/config.json does not match model '{m.name}': " + "; ".join(diffs))
 
 
+#: Buffers old Llama checkpoints saved with the weights; recomputed from the config, not loaded.
+SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
 def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder, in fp32 (safetensors, sharded or not; else ``*.bin``)."""
+    """The model's tensors in fp32: ``model.safetensors``, the shards its index lists, or
+    (old releases) ``pytorch_model*.bin``; RoPE's saved ``inv_freq`` buffers are dropped."""
     hf_dir = Path(hf_dir)
-    files = sorted(hf_dir.glob("*.safetensors"))
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         files = [hf_dir / s for s in shards]
+    elif (hf_dir / "model.safetensors").is_file():
+        files = [hf_dir / "model.safetensors"]
+    else:
+        files = sorted(hf_dir.glob("model-*.safetensors"))
     weights: dict[str, torch.Tensor] = {}
     if files:
         from safetensors.torch import load_file
@@ -115,7 +123,7 @@ def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
             weights.update(torch.load(f, map_location="cpu", weights_only=True))
     if not weights:
         raise FileNotFoundError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin weights")
-    return {k: v.float() for k, v in weights.items()}
+    return {k: v.float() for k, v in weights.items() if not k.endswith(SKIPPED_SUFFIXES)}
 
 
 def fit_vocab(weights: dict[str, torch.Tensor], rows: int, vocab_size: int) -> None:
