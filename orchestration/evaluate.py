@@ -48,13 +48,16 @@ def evaluate(hf_dir: Path, tasks: list[str], options: EvalOptions = EvalOptions(
     """Score the HF folder ``hf_dir`` on the ``tasks`` missing from ``output`` (default: its
     checkpoint's results file when it was exported from one); return the whole file."""
     output = Path(output) if output else default_output(hf_dir)
+    checkpoint = _checkpoint_of(hf_dir)
     existing = store.read_results(output)
+    if checkpoint is not None:
+        existing = store.read_current(output, checkpoint.get("saved_at"))
     todo = store.missing_tasks(existing, tasks, options)
     if not todo:
         log.info("%s: %s already scored with these options", output, ",".join(tasks))
         return existing
     new, samples = run_lm_eval(hf_dir, todo, options, include)
-    merged = store.merge(existing, new, todo, options, _checkpoint_of(hf_dir))
+    merged = store.merge(existing, new, todo, options, checkpoint)
     write_json_atomic(output, merged)
     store.write_samples(output.parent, samples)
     return merged
@@ -82,9 +85,10 @@ def evaluate_checkpoint(ckpt: Path, tasks: list[str], options: EvalOptions = Eva
 
     ckpt = Path(ckpt).resolve()
     output = checkpoint_results(ckpt)
-    if not store.missing_tasks(store.read_results(output), tasks, options):
+    cached = store.read_current(output, read_metadata(ckpt).get("time"))
+    if not store.missing_tasks(cached, tasks, options):
         log.info("%s: cached (%s)", ckpt.name, output)
-        return store.read_results(output)
+        return cached
     hf_dir = Path(export_dir or output.parent.parent / "hf") / ckpt.name
     if _export_info(hf_dir).get("checkpoint") != str(ckpt):
         export(ckpt, hf_dir, dtype=options.resolved_dtype())
@@ -105,7 +109,7 @@ def list_checkpoints(run_dir: Path, tasks: list[str] | None = None,
         return found
     opts = options or EvalOptions()
     return [c for c in found
-            if store.missing_tasks(store.read_results(checkpoint_results(c)), tasks, opts)]
+            if store.missing_tasks(_current(c), tasks, opts)]
 
 
 def evaluate_run(run_dir: Path, tasks: list[str], options: EvalOptions = EvalOptions(),
@@ -121,7 +125,7 @@ def run_table(run_dir: Path, tasks: list[str] | None = None) -> list[dict[str, A
     """``eval/benchmarks.{csv,md}`` from the results files of the run's kept checkpoints."""
     rows = []
     for ckpt in complete_checkpoints(checkpoint_dir(run_dir)):
-        result = store.read_results(checkpoint_results(ckpt))
+        result = _current(ckpt)
         if result:
             info = result.get("checkpoint", {})
             rows.append({"step": read_metadata(ckpt)["step"],
@@ -130,11 +134,17 @@ def run_table(run_dir: Path, tasks: list[str] | None = None) -> list[dict[str, A
     return rows
 
 
+def _current(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's results, if they are of this save of it."""
+    return store.read_current(checkpoint_results(Path(ckpt).resolve()),
+                              read_metadata(ckpt).get("time"))
+
+
 def _checkpoint_of(hf_dir: Path) -> dict[str, Any] | None:
     info = _export_info(hf_dir)
     if not info:
         return None
-    keys = ("checkpoint", "step", "consumed_tokens", "run_name")
+    keys = ("checkpoint", "step", "consumed_tokens", "saved_at", "run_name")
     return {"path" if k == "checkpoint" else k: info.get(k) for k in keys}
 
 

@@ -75,6 +75,7 @@ def _provenance(ckpt: Path, cfg: RunConfig, factors: MupFactors) -> dict:
     return {
         "checkpoint": str(ckpt),
         "step": read_metadata(ckpt).get("step"),
+        "saved_at": read_metadata(ckpt).get("time"),  # tells a re-save of the same step apart
         "consumed_tokens": load_common(ckpt).get("trainer", {}).get("consumed_tokens"),
         "run_name": cfg.name,
         "mup_folded": factors.__dict__,

@@ -160,6 +160,8 @@ def test_all_checkpoints_table_and_cache(corpus, tmp_path, megatron_env):
     main([str(run), "--tasks", "tiny_mc", "--limit", "3"])  # cached: no export, no lm-eval
     assert (eval_dir / "step_00000002" / "results.json").stat().st_mtime_ns == mtime
     assert not (eval_dir / "hf").exists()
+    save_random_checkpoint(cfg, step=2, seed=5)  # re-saved (a rollback): another model
+    assert [p.name for p in list_checkpoints(run, ["tiny_mc"], opts)] == ["step_00000002"]
 
 
 def test_list_checkpoints_cli(corpus, tmp_path, megatron_env, capsys):

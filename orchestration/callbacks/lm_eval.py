@@ -22,7 +22,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +109,6 @@ class LmEvalCallback(Callback):
 
     def _log(self, trainer, step: int, path: Path) -> None:
         scores = store.metrics(store.read_results(path), self.tasks)
-        record = {"step": trainer.step, "lm_eval/checkpoint_step": step, "time": time.time()}
+        record = {"step": trainer.step, "lm_eval/checkpoint_step": step}
         record.update({f"lm_eval/{name}": value for name, value in scores.items()})
         self.logger.log(record)

@@ -41,6 +41,16 @@ def read_results(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
 
 
+def read_current(path: Path, saved_at: float | None) -> dict[str, Any]:
+    """The results file if it scored the checkpoint saved at ``saved_at``, else ``{}``: a
+    checkpoint re-saved under the same step (after a rollback) is a different model, and its
+    old scores are replaced, not reused."""
+    existing = read_results(path)
+    if existing and existing.get("checkpoint", {}).get("saved_at") != saved_at:
+        return {}
+    return existing
+
+
 def missing_tasks(existing: dict[str, Any], tasks: list[str], options: EvalOptions) -> list[str]:
     """The requested tasks not yet scored with these options."""
     done, key = existing.get("evaluated", {}), options.cache_key()
