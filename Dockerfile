@@ -22,19 +22,28 @@ ENV CUDA_DEVICE_MAX_CONNECTIONS=1 \
 
 WORKDIR /workspace/open-pretrain
 
-# Dependencies first (cached across code changes). megatron-core with --no-deps: its only
-# requirements (torch, numpy, packaging) are NGC's; everything else here is torch-free.
-RUN pip install --no-deps "megatron-core>=0.16.1,<0.18" \
- && pip install "hydra-core>=1.3,<1.4" "omegaconf>=2.3" "sentencepiece>=0.2" "nltk>=3.8" \
-        "wandb>=0.17" "tqdm>=4.66" "psutil>=5.9" "zstandard>=0.22" "scipy>=1.10" \
-        "hydra-submitit-launcher>=1.2"
+# Dependencies first (cached across code changes), at the exact versions CI tests
+# (constraints.txt, shared with the Makefile): the same megatron-core as CI, and transformers,
+# safetensors, lm-eval, matplotlib, plotly and tensorboard for export, import, evaluation,
+# reports and the gallery. megatron-core goes in with --no-deps: its only requirements (torch,
+# numpy, packaging) are NGC's. The rest resolves under NGC's own constraint file as well
+# (PIP_CONSTRAINT), so torch is never replaced; a version clash fails the build here.
+COPY constraints.txt ./
+RUN grep '^megatron-core==' constraints.txt > /tmp/megatron-core.txt \
+ && pip install --no-deps -r /tmp/megatron-core.txt \
+ && grep -v '^megatron-core==' constraints.txt > /tmp/packages.txt \
+ && pip install -r /tmp/packages.txt \
+ && rm /tmp/megatron-core.txt /tmp/packages.txt
 
 COPY . .
 # The project itself, editable and without dependencies (which would pull torch from PyPI).
+# check_versions fails the build when any package differs from constraints.txt.
 RUN pip install --no-deps -e . \
+ && python launch/check_versions.py --require-all \
  && python - <<'PY'
 from importlib import metadata
-for name in ("torch", "transformer_engine", "apex", "flash_attn", "megatron-core", "hydra-core"):
+for name in ("torch", "transformer_engine", "apex", "flash_attn", "megatron-core", "hydra-core",
+             "transformers", "lm_eval"):
     try:
         print(f"{name:20s} {metadata.version(name)}")
     except metadata.PackageNotFoundError:

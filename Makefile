@@ -12,12 +12,14 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# Pin torch first: an unpinned resolve would pull a multi-GB CUDA build on CPU machines.
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[dev,eval]"
+	# constraints.txt: the exact versions CI tests, the same the Docker image installs.
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,eval]"
+	$(PY) launch/check_versions.py
 	touch $@
 
 demo: setup

@@ -96,10 +96,14 @@ setup_distributed_env() {
   # every collective, which serialises Megatron's compute/communication overlap; the watchdog
   # with async error handling above already turns hangs into errors after the PG timeout.
   # On a watchdog timeout, every rank dumps its last collectives (PyTorch's flight recorder).
-  export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}"
+  # PyTorch renamed the recorder's variables: TORCH_NCCL_TRACE_BUFFER_SIZE -> TORCH_FR_BUFFER_SIZE
+  # and TORCH_NCCL_DEBUG_INFO_TEMP_FILE -> TORCH_FR_DUMP_TEMP_FILE (torch 2.13 warns on every
+  # rank when the old names are set). A torch older than the rename reads only the old names:
+  # export TORCH_NCCL_TRACE_BUFFER_SIZE=2000 yourself in such an image.
+  export TORCH_FR_BUFFER_SIZE="${TORCH_FR_BUFFER_SIZE:-2000}"
   export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
   if [[ -n "${RUN_DIR:-}" ]]; then
-    export TORCH_NCCL_DEBUG_INFO_TEMP_FILE="${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$RUN_DIR/nccl_trace_rank_}"
+    export TORCH_FR_DUMP_TEMP_FILE="${TORCH_FR_DUMP_TEMP_FILE:-$RUN_DIR/nccl_trace_rank_}"
   fi
   # Free NCCL send buffers when the collective finishes rather than via recordStream (less
   # memory held by the caching allocator; Megatron/NeMo set this too).

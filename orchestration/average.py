@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from orchestration.checkpoint import layout as ckpt
-from orchestration.checkpoint import store
 from orchestration.common.files import write_json_atomic, write_text_atomic
+from orchestration.common.quiet import install_warning_filters
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ def _write_run_config(cfg, path: Path) -> None:
 
 def _weighted_sum(model, paths: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
     """sum_i w_i * weights_i in float64, loading one checkpoint at a time into ``model``."""
+    from orchestration.checkpoint import store
+
     total: dict[str, torch.Tensor] = {}
     for path, weight in zip(paths, weights, strict=True):
         store.load(path, model, None, with_optimizer=False)
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="the checkpoint directory to write")
     p.add_argument("--run-config", type=Path, help="run config YAML (default: the run's own)")
     args = p.parse_args(argv)
+    install_warning_filters()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     steps = [int(s) for s in args.steps.split(",")] if args.steps else None
     paths = select_checkpoints(args.run_dir, args.last, steps)

@@ -22,6 +22,7 @@ import torch
 
 from orchestration.checkpoint.layout import read_metadata
 from orchestration.common.files import write_json_atomic
+from orchestration.common.quiet import install_warning_filters
 from orchestration.config import RunConfig
 from orchestration.hf.llama import (
     MupFactors,
@@ -31,7 +32,6 @@ from orchestration.hf.llama import (
     megatron_to_llama,
     mup_factors,
 )
-from orchestration.hf.offline import checkpoint_run_config, load_megatron_weights
 from orchestration.hf.tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ DTYPES = ("float32", "bfloat16", "float16")  # config.json's torch_dtype names
 
 def export(ckpt: Path, out: Path, run_config: Path | None = None, dtype: str = "float32") -> Path:
     """Write the HF folder ``out`` for checkpoint ``ckpt``; return ``out``."""
+    from orchestration.hf.offline import checkpoint_run_config, load_megatron_weights
+
     ckpt, out = Path(ckpt).resolve(), Path(out)
     cfg = checkpoint_run_config(ckpt, run_config)
     check_llama_compatible(cfg.model)
@@ -69,9 +71,13 @@ def export(ckpt: Path, out: Path, run_config: Path | None = None, dtype: str = "
 
 
 def _provenance(ckpt: Path, cfg: RunConfig, factors: MupFactors) -> dict:
+    from megatron_patches.checkpointing import load_common
+
     return {
         "checkpoint": str(ckpt),
         "step": read_metadata(ckpt).get("step"),
+        "saved_at": read_metadata(ckpt).get("time"),  # tells a re-save of the same step apart
+        "consumed_tokens": load_common(ckpt).get("trainer", {}).get("consumed_tokens"),
         "run_name": cfg.name,
         "mup_folded": factors.__dict__,
     }
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     args = p.parse_args(argv)
+    install_warning_filters()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     export(args.checkpoint, args.out, args.run_config, args.dtype)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from orchestration.common.quiet import install_warning_filters
 from orchestration.config import RunConfig, register_configs, to_run_config, validate
 
 log = logging.getLogger("orchestration.prebuild")
@@ -61,6 +62,7 @@ def prebuild(cfg: RunConfig) -> dict[str, dict]:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
+    install_warning_filters()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
     logging.getLogger("megatron").setLevel(logging.WARNING)

@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from orchestration.cluster.parent_watch import die_with_launcher
+from orchestration.common.quiet import install_warning_filters
 from orchestration.config import register_configs, to_run_config
 from orchestration.loop.run import default_callbacks, run
 
@@ -27,6 +28,7 @@ register_configs()
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> float:
+    install_warning_filters()  # before megatron-core is imported (its notices fire on import)
     _configure_logging()
     cfg = to_run_config(dcfg)
     summary = run(cfg)

@@ -29,6 +29,7 @@ _REGISTRY: dict[str, str] = {
     "samples": "orchestration.callbacks.samples:SampleGalleryCallback",
     "checkpoint": "orchestration.callbacks.checkpointing:CheckpointCallback",
     "preemption": "orchestration.callbacks.preemption:PreemptionCallback",
+    "lm_eval": "orchestration.callbacks.lm_eval:LmEvalCallback",  # not a default: needs tasks
 }
 DEFAULTS = ("skipping", "metrics", "eval", "samples", "checkpoint", "preemption")
 

@@ -6,7 +6,8 @@ each head's queries and keys before RoPE (``q_norm``/``k_norm``), which is what 
 
 The conversion lives next to the model, as torchtitan's ``state_dict_adapter`` does: names,
 the fused QKV split per query group, SwiGLU's ``[gate; up]`` split, and muP's run-time
-multipliers folded into plain weights (a Llama forward has no muP).
+multipliers folded into plain weights (a Llama forward has no muP). ``llama_to_megatron`` and
+``unfold_mup`` are the exact inverses, used by ``orchestration.import_hf``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,38 @@ def megatron_to_llama(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, 
     return out
 
 
+def llama_to_megatron(sd: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`megatron_to_llama`: Llama's names fused into Megatron's tensors.
+
+    Q, K and V are interleaved per query group (``[per_group q heads, k, v] x head_dim`` rows),
+    as Megatron's ``linear_qkv`` holds them, so that a TP split of the fused rows gives each rank
+    whole query groups; ``gate_proj`` and ``up_proj`` are stacked as ``[gate; up]``.
+    """
+    heads, groups, hidden = m.num_attention_heads, m.num_query_groups, m.hidden_size
+    head_dim, per_group = hidden // heads, heads // groups
+    out = {
+        "embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+        "decoder.final_layernorm.weight": sd["model.norm.weight"],
+    }
+    if not m.tie_embeddings:
+        out["output_layer.weight"] = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    for i in range(m.num_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        q = sd[src + "self_attn.q_proj.weight"].reshape(groups, per_group, head_dim, hidden)
+        k = sd[src + "self_attn.k_proj.weight"].reshape(groups, 1, head_dim, hidden)
+        v = sd[src + "self_attn.v_proj.weight"].reshape(groups, 1, head_dim, hidden)
+        qkv = torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+        out[dst + "self_attention.linear_qkv.weight"] = qkv
+        out[dst + "self_attention.linear_proj.weight"] = sd[src + "self_attn.o_proj.weight"]
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            [sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"]], dim=0
+        )
+        out[dst + "mlp.linear_fc2.weight"] = sd[src + "mlp.down_proj.weight"]
+        out[dst + "input_layernorm.weight"] = sd[src + "input_layernorm.weight"]
+        out[dst + "pre_mlp_layernorm.weight"] = sd[src + "post_attention_layernorm.weight"]
+    return out
+
+
 def llama_config(
     cfg: RunConfig, vocab: int, tied: bool, dtype: str, special: dict[str, int]
 ) -> dict:
@@ -128,6 +161,20 @@ def mup_factors(cfg: RunConfig) -> MupFactors:
         logits=mup.output_multiplier * mup.base_width / m.hidden_size,
         query=head_dim ** (0.5 - mup.attention_scale_power),
     )
+
+
+def unfold_mup(weights: dict[str, torch.Tensor], f: MupFactors) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`fold_mup`: weights that a muP run, multiplying at run time, turns
+    back into the plain Llama forward. (A tied muP run needs ``lm_head / logits`` equal to
+    ``embed / embedding``; ``import_hf`` checks that.)"""
+    out = dict(weights)
+    out["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] / f.embedding
+    if "lm_head.weight" in weights:
+        out["lm_head.weight"] = weights["lm_head.weight"] / f.logits
+    for name, tensor in weights.items():
+        if name.endswith("self_attn.q_proj.weight"):
+            out[name] = tensor / f.query
+    return out
 
 
 def fold_mup(weights: dict[str, torch.Tensor], f: MupFactors) -> dict[str, torch.Tensor]:
