@@ -250,7 +250,7 @@ def run_one(cfg, steps: int) -> dict:
     trainer = Trainer(cfg, objects)
     trainer.enter_stage(1)  # builds (or reuses from run_dir) the stage's datasets
     batch = next(microbatches(trainer.data.train, trainer.layout, steps))
-    gpt = unwrap(objects.model)
+    gpt = unwrap(objects.model_chunks[0])
     recorder = ActivationRecorder(activation_sites(gpt))
     losses = []
     for t in range(steps + 1):

@@ -45,8 +45,13 @@ def test_gpu_job_gets_megatrons_high_mfu_settings(gpu_job):
     assert t.recompute_granularity is None  # no recompute (Bridge 1B/3B/8B; K2 fits: plan)
     assert ddp.use_distributed_optimizer and ddp.overlap_grad_reduce and ddp.overlap_param_gather
     assert opt.overlap_param_gather and opt.use_distributed_optimizer
-    # Megatron-LM turns align_param_gather off outside the interleaved schedule.
-    assert not ddp.align_param_gather
+    # Megatron-LM turns align_param_gather on with the interleaved schedule only (K2: VP5).
+    interleaved = cfg.parallel.virtual_pipeline > 1
+    assert interleaved is (name == "k2")
+    assert ddp.align_param_gather is interleaved
+    if interleaved:
+        assert t.virtual_pipeline_model_parallel_size == 5
+        assert t.overlap_p2p_comm and not t.batch_p2p_comm
     assert t.tp_comm_overlap is tp_overlap and t.sequence_parallel is tp_overlap
     assert t.fp8 is None and t.context_parallel_size == 1 and not t.use_cpu_initialization
     assert cfg.runtime.manual_gc_interval == 100

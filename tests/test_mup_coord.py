@@ -88,7 +88,7 @@ def test_first_adam_step_sizes_follow_table_3(base_cfg, megatron_env):
 
     cfg = variant(base_cfg, 128, "muP", seed=1234, base_width=32)
     objects = build_objects(cfg)
-    gpt = unwrap(objects.model)
+    gpt = unwrap(objects.model_chunks[0])
     before = {n: p.detach().clone() for n, p in gpt.named_parameters()}
     trainer = Trainer(cfg, objects)
     assert trainer.run_step().updated

@@ -39,7 +39,12 @@ TRACKER_NAMES = {
     "consumed_tokens": "train/consumed_tokens",
     "tokens_per_s": "throughput/tokens_per_s",
     "step_time_s": "throughput/step_time_s",
-    "mfu": "throughput/mfu",
+    "mfu": "throughput/mfu",  # logs written before both conventions were logged
+    "mfu_full_attn": "throughput/mfu_full_attn",
+    "mfu_causal": "throughput/mfu_causal",
+    "global_batch_size": "train/global_batch_size",  # changes during a batch-size ramp-up
+    "z_loss": "train/z_loss",
+    "reruns": "train/reruns",  # re-runs of a step flagged by the spike rule (spike.rerun)
     "val_loss": "val/loss",
     "val_ppl": "val/ppl",
 }
@@ -47,8 +52,9 @@ TRACKER_NAMES = {
 # ``lm_eval/checkpoint_step``, the step of the checkpoint it scored.
 TRACKER_PREFIXES = {"val_loss/": "val/loss/", "val_ppl/": "val/ppl/", "lm_eval/": "eval/"}
 TRACKER_NAMES["lm_eval/checkpoint_step"] = "eval/step"
-# Not metrics: the x axis, a constant of the model (it is in the run's config), a wall clock.
-NOT_METRICS = {"step", "flops_per_token", "time"}
+# Not metrics: the x axis, constants of the model at a stage (in the run's config), a wall clock.
+NOT_METRICS = {"step", "flops_per_token", "flops_per_token_full_attn", "flops_per_token_causal",
+               "time"}
 EVAL_STEP = "eval/step"  # W&B's x axis for lm-eval results (logged after the fact, any order)
 
 
