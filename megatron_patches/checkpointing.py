@@ -15,6 +15,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+from megatron_patches import writer_queue
 from megatron_patches.model import unwrap
 from megatron_patches.optimizer_state import ensure_adam_state, restore_adam_steps
 
@@ -36,6 +37,7 @@ def save_sharded(model, optimizer, trainer_state: dict, directory: Path,
                  with_optimizer: bool) -> None:
     """Write this rank's shards (and, on rank 0, the common state) into ``directory``."""
     state = sharded_state(model, optimizer, trainer_state, False, with_optimizer)
+    writer_queue.shield()  # a stop signal to the rank's process group must not end the save
     dist_checkpointing.save(state, str(directory))
 
 
@@ -65,6 +67,7 @@ def is_dist_checkpoint(directory: Path) -> bool:
 
 def save_weights_only(model, trainer_state: dict, directory: Path) -> None:
     """A weights-only checkpoint (averaging, import): no optimizer state."""
+    writer_queue.shield()
     dist_checkpointing.save(sharded_state(model, None, trainer_state, False, False),
                             str(directory))
 
@@ -93,6 +96,7 @@ class AsyncSaver:
         if self.in_flight:
             raise RuntimeError(f"{self.in_flight[0]} is still being written: finalize it first")
         state = sharded_state(model, optimizer, trainer_state, False, with_optimizer)
+        writer_queue.shield()
         request = dist_checkpointing.save(state, str(tmp), sharded_strategy=self.strategy,
                                           async_sharded_save=True)
         request.add_finalize_fn(publish)
