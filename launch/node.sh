@@ -11,6 +11,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # they could checkpoint. An ignored disposition survives exec and fork, so torchrun ignores
 # the signal; each training rank replaces the disposition with orchestration.cluster.signals' handler.
 trap '' USR1
+# scancel's SIGTERM reaches torchrun too, which passes it on and then waits this long (its own
+# default: 30 s) for the ranks' stop checkpoint before it kills them; SLURM's KillWait still
+# bounds the whole.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
 
 build_torchrun_cmd "$@"
 log_msg "node ${SLURM_NODEID:-0} ($(hostname)): ${TORCHRUN_CMD[*]}"
