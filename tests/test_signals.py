@@ -218,10 +218,12 @@ def test_sigterm_to_torchrun_checkpoints_the_stop_step_on_every_rank(conf_dir, t
     """The default-suite drill: SIGTERM to torchrun's pid, as ``kill PID`` or a job scheduler
     does. torchrun passes it on with ``killpg`` to every rank's process group, which also holds
     Megatron's checkpoint-writer helper (a Manager process): before the fix it died, and both
-    ranks failed their stop checkpoint with BrokenPipeError, leaving ``step_N.tmp``."""
+    ranks failed their stop checkpoint with BrokenPipeError, leaving ``step_N.tmp`` (the helper
+    starts with a rank's first save, hence one before the signal)."""
     run_dir = tmp_path / "term"
-    job = _launch("torchrun", conf_dir, run_dir, "checkpoint.save_interval=0")
-    job.wait_for(lambda: len(_losses(run_dir)) >= 2, "two steps")
+    job = _launch("torchrun", conf_dir, run_dir, "checkpoint.save_interval=2")
+    job.wait_for(lambda: "step_00000002" in _checkpoints(run_dir) and len(_losses(run_dir)) >= 3,
+                 "the step-2 checkpoint and step 3")
     os.kill(job.torchrun().pid, signal.SIGTERM)
     status = job.finish()
     _assert_clean_stop(job, status, 1)
