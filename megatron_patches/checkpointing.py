@@ -108,6 +108,10 @@ class AsyncSaver:
         returns their paths. Must be called on all ranks; free when nothing is pending."""
         if not self.in_flight:
             return []
-        done = len(self.queue.maybe_finalize_async_calls(blocking=blocking))
+        try:
+            done = len(self.queue.maybe_finalize_async_calls(blocking=blocking))
+        except BaseException:  # e.g. CheckpointException: a rank's write failed (full disk)
+            self.in_flight.pop(0)  # Megatron has dropped the request; it will never publish
+            raise
         finished, self.in_flight = self.in_flight[:done], self.in_flight[done:]
         return finished
