@@ -7,10 +7,10 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # SLURM's --signal=USR1@120 (no "B:") reaches every process of the step, torchrun included.
-# torchrun installs no USR1 handler, so the default action would kill it and its ranks before
-# they could checkpoint. An ignored disposition survives exec and fork, so torchrun ignores
-# the signal; each training rank replaces the disposition with orchestration.cluster.signals' handler.
-trap '' USR1
+# torchrun installs no USR1/USR2 handler, so the default action would kill it and its ranks
+# before they could checkpoint. An ignored disposition survives exec and fork, so torchrun
+# ignores them; each training rank replaces it with orchestration.cluster.signals' handler.
+trap '' USR1 USR2
 # scancel's SIGTERM reaches torchrun too, which passes it on and then waits this long (its own
 # default: 30 s) for the ranks' stop checkpoint before it kills them; SLURM's KillWait still
 # bounds the whole.

@@ -119,16 +119,10 @@ class Job:
         self._track()
 
     def ranks(self) -> list[psutil.Process]:
-        """The training ranks: the processes running orchestration.train under torchrun."""
-        found = []
-        for proc in self.seen.values():
-            try:
-                if "TORCHELASTIC_RUN_ID" in proc.environ() and "orchestration.train" in " ".join(
-                        proc.cmdline()):
-                    found.append(proc)
-            except psutil.Error:
-                continue
-        return found
+        """The training ranks: torchrun's children (a rank's forked writers share its command
+        line and environment, so they are told apart by their parent)."""
+        return [p for p in self.torchrun().children()
+                if "orchestration.train" in " ".join(p.cmdline())]
 
     def torchrun(self) -> psutil.Process:
         if "torch.distributed.run" in " ".join(psutil.Process(self.proc.pid).cmdline()):
