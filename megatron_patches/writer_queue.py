@@ -57,12 +57,14 @@ def shield() -> None:
         return
     if threading.current_thread() is not threading.main_thread():
         return
-    # The resource tracker unblocks SIGTERM/SIGINT in the calling thread after starting itself;
-    # start it first so that it cannot undo the mask below.
-    resource_tracker.ensure_running()
     manager = SyncManager(ctx=mp.get_context("spawn"))
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, SHIELDED)
     try:
+        # multiprocessing's resource tracker (another spawned helper in the rank's group)
+        # ignores TERM/INT itself; started here it inherits USR1/USR2/HUP/QUIT blocked too.
+        # It unblocks TERM/INT in this thread when it has started, hence the second mask.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, SHIELDED)
         manager.start(initializer=_harden_server, initargs=(os.getpid(),))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
