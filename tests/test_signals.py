@@ -58,9 +58,25 @@ def _local_sh(conf: Path, run_dir: Path, *overrides: str) -> list[str]:
     return ["bash", "launch/local.sh", *_hydra(conf, run_dir, *overrides)]
 
 
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NPROC": "2",
-            "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
+def _node_sh(conf: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """What srun runs on each node (launch/node.sh execs torchrun), as on a one-node job."""
+    hydra = _hydra(conf, run_dir, *overrides)
+    return ["bash", "launch/node.sh", "fault", *hydra[:2], *hydra[3:]]
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NPROC": "2",
+                  "GPUS_PER_NODE": "2",
+                  "TORCHRUN": f"{sys.executable} -m torch.distributed.run"} | extra
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -93,12 +109,12 @@ class Job:
     """A launched job, the processes it has had (Megatron's spawned helpers included: their
     command lines do not name the run dir), and its output."""
 
-    def __init__(self, command: list[str], run_dir: Path) -> None:
+    def __init__(self, command: list[str], run_dir: Path, **env: str) -> None:
         self.run_dir = run_dir
         self.log = run_dir.parent / f"{run_dir.name}.log"
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log,
+            self.proc = subprocess.Popen(command, cwd=REPO, env=_env(**env), stdout=log,
                                          stderr=subprocess.STDOUT)
         self.seen: dict[int, psutil.Process] = {}
 
@@ -125,10 +141,15 @@ class Job:
                 if "orchestration.train" in " ".join(p.cmdline())]
 
     def torchrun(self) -> psutil.Process:
-        if "torch.distributed.run" in " ".join(psutil.Process(self.proc.pid).cmdline()):
-            return psutil.Process(self.proc.pid)
-        return next(p for p in self.seen.values() if "torch.distributed.run" in " ".join(
-            p.cmdline()))
+        """The launched process itself, or its torchrun child (launch/local.sh)."""
+        launched = psutil.Process(self.proc.pid)
+        for proc in (launched, *launched.children()):
+            try:
+                if "torch.distributed.run" in " ".join(proc.cmdline()):
+                    return proc
+            except psutil.Error:
+                continue
+        raise AssertionError("no torchrun process found")
 
     def finish(self, timeout: float = 300) -> int:
         deadline = time.time() + timeout
@@ -197,6 +218,7 @@ DRILLS = {
     "TERM-to-torchrun": ("torchrun", "torchrun", signal.SIGTERM, 1),
     "INT-to-torchrun": ("torchrun", "torchrun", signal.SIGINT, 1),
     "USR1-to-torchrun-under-local.sh": ("torchrun", "local.sh", signal.SIGUSR1, 1),
+    "TERM-to-torchrun-under-node.sh": ("torchrun", "node.sh", signal.SIGTERM, 1),
     "TERM-to-local.sh": ("local.sh", "local.sh", signal.SIGTERM, 0),
     "TERM-to-one-rank": ("rank", "torchrun", signal.SIGTERM, 0),
 }
@@ -205,6 +227,9 @@ DRILLS = {
 def _launch(how: str, conf: Path, run_dir: Path, *overrides: str) -> Job:
     if how == "local.sh":
         return Job(_local_sh(conf, run_dir, *overrides), run_dir)
+    if how == "node.sh":
+        return Job(_node_sh(conf, run_dir, *overrides), run_dir, RUN_DIR=str(run_dir),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     return Job(_torchrun(conf, run_dir, *overrides), run_dir)
 
 
