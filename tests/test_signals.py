@@ -59,9 +59,10 @@ def _local_sh(conf: Path, run_dir: Path, *overrides: str) -> list[str]:
 
 
 def _node_sh(conf: Path, run_dir: Path, *overrides: str) -> list[str]:
-    """What srun runs on each node (launch/node.sh execs torchrun), as on a one-node job."""
-    hydra = _hydra(conf, run_dir, *overrides)
-    return ["bash", "launch/node.sh", "fault", *hydra[:2], *hydra[3:]]
+    """What srun runs on each node (launch/node.sh execs torchrun), as on a one-node job.
+    node.sh puts EXPERIMENT first, so the test's conf dir comes as an override."""
+    return ["bash", "launch/node.sh", "fault", f"hydra.searchpath=[file://{conf}]",
+            f"hydra.run.dir={run_dir}", *overrides]
 
 
 def _env(**extra: str) -> dict:
