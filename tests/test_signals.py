@@ -373,3 +373,29 @@ def test_unhandled_by_reads_what_a_process_would_die_of():
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_metrics_wait_in_memory_while_the_disk_is_full(tmp_path):
+    """A full disk (here a file-size limit: EFBIG, with a partial write first) must not end
+    the run from the metrics log: the lines wait in memory and land whole, once each."""
+    out = _python(f"""
+        import json, logging, resource, signal
+        from pathlib import Path
+        logging.basicConfig(level=logging.INFO)
+        from orchestration.config import LoggingConfig
+        from orchestration.metrics.logger import MetricsLogger
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        logger = MetricsLogger(Path({str(tmp_path)!r}), LoggingConfig(wandb_mode="disabled"),
+                               "t", {{}}, True)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
+        for step in range(1, 41):
+            logger.log({{"step": step, "loss": 1.0 / step}}, echo=False)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        logger.log({{"step": 41, "loss": 0.5}}, echo=False)
+        logger.close()
+        lines = Path({str(tmp_path)!r}, "metrics.jsonl").read_text().splitlines()
+        print([json.loads(line)["step"] for line in lines] == list(range(1, 42)))
+    """)
+    assert out.stdout.strip() == "True", out.stderr[-3000:]
+    assert "cannot append to" in out.stderr and "is written again" in out.stderr
