@@ -399,3 +399,35 @@ def test_metrics_wait_in_memory_while_the_disk_is_full(tmp_path):
     """)
     assert out.stdout.strip() == "True", out.stderr[-3000:]
     assert "cannot append to" in out.stderr and "is written again" in out.stderr
+
+
+def test_what_a_rank_forks_dies_with_it():
+    """Megatron's background checkpoint writer is a fork of the rank, and its write workers
+    forks of that: once the rank is SIGKILLed (its launcher died) none may live on."""
+    code = """
+        import multiprocessing as mp, os, time
+        from orchestration.cluster.parent_watch import die_with_launcher
+
+        def writer(depth):
+            if depth:
+                mp.get_context("fork").Process(target=writer, args=(depth - 1,)).start()
+            print(os.getpid(), flush=True)
+            time.sleep(600)
+
+        if __name__ == "__main__":
+            assert die_with_launcher()
+            mp.get_context("fork").Process(target=writer, args=(1,)).start()
+            time.sleep(600)
+    """
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test"}
+    rank = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        forked = [psutil.Process(int(rank.stdout.readline())) for _ in range(2)]
+    finally:
+        rank.kill()
+        rank.wait()
+    _, alive = psutil.wait_procs(forked, timeout=10)
+    for proc in alive:
+        proc.kill()
+    assert not alive, "a fork of the rank outlived it"
