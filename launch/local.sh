@@ -24,10 +24,15 @@ if [[ -n "${DRY_RUN:-}" ]]; then
   exit 0
 fi
 check_config "${NPROC:-1}" "$@" || exit 2
-# torchrun has no SIGUSR1 handler: the default action would kill it and orphan its ranks. With
-# the signal ignored (a disposition that survives exec), torchrun and the ranks ignore it until
-# each rank installs its own handler; a USR1 or TERM to this script is forwarded to the ranks
-# (torchrun's children) as USR1, so each finishes its step, checkpoints and exits cleanly.
+# A USR1/USR2 sent to torchrun itself is passed on to the ranks like TERM/INT/HUP (without
+# this torchrun has no USR1 handler, and the default action would kill the job unsaved), and
+# torchrun waits up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (its default: 30) for the ranks'
+# stop checkpoint before it kills them. torchrun itself then exits 1 (SignalException).
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}"
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
+# USR1 is ignored until torchrun installs its handler. A USR1/TERM/INT to this script is
+# forwarded to the ranks (torchrun's children) as USR1: each finishes its step, they all
+# checkpoint that step and exit cleanly, and so does torchrun.
 trap '' USR1
 "${LOCAL_CMD[@]}" &
 launcher=$!

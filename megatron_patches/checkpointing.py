@@ -15,6 +15,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+from megatron_patches import writer_queue
 from megatron_patches.model import unwrap
 from megatron_patches.optimizer_state import ensure_adam_state, restore_adam_steps
 
@@ -51,6 +52,7 @@ def save_sharded(model, optimizer, trainer_state: dict, directory: Path,
                  with_optimizer: bool) -> None:
     """Write this rank's shards (and, on rank 0, the common state) into ``directory``."""
     state = sharded_state(model, optimizer, trainer_state, False, with_optimizer)
+    writer_queue.shield()  # a stop signal to the rank's process group must not end the save
     dist_checkpointing.save(state, str(directory))
 
 
@@ -82,6 +84,7 @@ def is_dist_checkpoint(directory: Path) -> bool:
 
 def save_weights_only(model, trainer_state: dict, directory: Path) -> None:
     """A weights-only checkpoint (averaging, import): no optimizer state."""
+    writer_queue.shield()
     dist_checkpointing.save(sharded_state(model, None, trainer_state, False, False),
                             str(directory))
 
@@ -110,6 +113,7 @@ class AsyncSaver:
         if self.in_flight:
             raise RuntimeError(f"{self.in_flight[0]} is still being written: finalize it first")
         state = sharded_state(model, optimizer, trainer_state, False, with_optimizer)
+        writer_queue.shield()
         request = dist_checkpointing.save(state, str(tmp), sharded_strategy=self.strategy,
                                           async_sharded_save=True)
         request.add_finalize_fn(publish)
@@ -121,6 +125,10 @@ class AsyncSaver:
         returns their paths. Must be called on all ranks; free when nothing is pending."""
         if not self.in_flight:
             return []
-        done = len(self.queue.maybe_finalize_async_calls(blocking=blocking))
+        try:
+            done = len(self.queue.maybe_finalize_async_calls(blocking=blocking))
+        except BaseException:  # e.g. CheckpointException: a rank's write failed (full disk)
+            self.in_flight.pop(0)  # Megatron has dropped the request; it will never publish
+            raise
         finished, self.in_flight = self.in_flight[:done], self.in_flight[done:]
         return finished

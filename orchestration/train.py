@@ -18,6 +18,8 @@ from omegaconf import DictConfig
 
 from orchestration.cluster.parent_watch import die_with_launcher
 from orchestration.common.quiet import install_warning_filters
+from orchestration.cluster.signals import catch_early
+from orchestration.cluster.streams import guard_standard_streams
 from orchestration.config import register_configs, to_run_config
 from orchestration.loop.run import default_callbacks, run
 
@@ -48,6 +50,8 @@ def _configure_logging() -> None:
 
 
 if __name__ == "__main__":
+    catch_early()  # a stop signal during start-up is kept for the first step, not fatal
+    guard_standard_streams()  # a reader of our output that goes away must not end a save
     if "--explain" in sys.argv[1:]:
         from orchestration.explain import main as explain_main
 

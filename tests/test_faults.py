@@ -297,15 +297,19 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_says_so_keeps_the_previous_checkpoint_and_resumes(cli, reference, small_disk):
+@pytest.mark.parametrize("writer", ["sync", "async"])
+def test_full_disk_says_so_keeps_the_previous_checkpoint_and_resumes(cli, reference, small_disk,
+                                                                     writer):
+    """With ``async`` the shards fail in the background writer and surface at finalize."""
+    extra = ["checkpoint.async_save=true"] if writer == "async" else []
     run_dir = small_disk / "run"
-    out = _run(cli(run_dir, "train.exit_after_steps=3"))
+    out = _run(cli(run_dir, "train.exit_after_steps=3", *extra))
     assert out.returncode == 0, out.stderr[-3000:]
     filler = small_disk / "filler"
     free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
     filler.write_bytes(b"\0" * (free - 300_000))  # room for the logs, not for a checkpoint
 
-    full = _run(cli(run_dir))
+    full = _run(cli(run_dir, *extra))
     text = full.stdout + full.stderr
     assert full.returncode != 0
     assert "checkpoint_info" not in text and "the disk is full (" in text, text[-3000:]
@@ -313,6 +317,6 @@ def test_full_disk_says_so_keeps_the_previous_checkpoint_and_resumes(cli, refere
     assert _checkpoints(run_dir) == ["step_00000003"], "partial .tmp removed, step 3 intact"
 
     filler.unlink()
-    again = _run(cli(run_dir))
+    again = _run(cli(run_dir, *extra))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and _losses(run_dir) == reference

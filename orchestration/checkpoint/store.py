@@ -95,6 +95,24 @@ def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last
     return final
 
 
+def finalize(root: Path, saver: AsyncSaver, blocking: bool) -> list[Path]:
+    """Publish the background saves every rank has finished (all of them with ``blocking``);
+    returns their paths. A background write that failed for lack of space fails as a sync save
+    does: the partial ``*.tmp`` removed and an error naming the path, the free space and the
+    previous checkpoint's size; the previous checkpoint stays the newest complete one."""
+    pending = saver.in_flight[0] if saver.in_flight else None
+    try:
+        return saver.finalize(blocking)
+    except (Exception, CheckpointException) as err:
+        if pending is None:
+            raise
+        expected = _previous_size(root)
+        if disk_space.looks_full(err, root, expected):
+            raise disk_space.disk_full_error(pending, pending.with_suffix(".tmp"),
+                                             expected) from err
+        raise
+
+
 def _previous_size(root: Path) -> int:
     """Bytes of the newest complete checkpoint: what the next save is expected to need."""
     done = complete_checkpoints(root)

@@ -30,11 +30,15 @@ class Heartbeat:
 
     def beat(self, step: int, point: str = "start") -> None:
         # Renamed into place but not fsynced: a heartbeat is worth microseconds, not a disk
-        # flush, and a lost one only makes a report less precise.
-        self.tmp.write_text(json.dumps({"rank": self.rank, "step": step, "point": point,
-                                        "pid": os.getpid(), "host": self.host,
-                                        "time": time.time()}))
-        os.replace(self.tmp, self.path)
+        # flush, and a lost one only makes a report less precise; so a failed write (a full
+        # disk, filled by a background checkpoint write that will report it) is skipped.
+        try:
+            self.tmp.write_text(json.dumps({"rank": self.rank, "step": step, "point": point,
+                                            "pid": os.getpid(), "host": self.host,
+                                            "time": time.time()}))
+            os.replace(self.tmp, self.path)
+        except OSError:
+            pass
 
 
 POINTS = ("start", "schedule", "all-reduce")  # in the order a step reaches them

@@ -10,6 +10,10 @@ forked. SIGKILL rather than a graceful stop, because the other ranks are dying t
 stop checkpoint's collectives could not complete; checkpoints are atomic, so the newest
 complete one is what the next job resumes from.
 
+A process that a rank forks (Megatron's background checkpoint writer and its write workers)
+asks for the same: a writer whose rank is gone can never publish its checkpoint, and without
+it such a writer finishes its shards, or hangs, after the job is gone.
+
 A plain ``python -m orchestration.train`` is left alone: ``nohup ... &`` from a shell that
 then exits must keep training.
 """
@@ -38,16 +42,39 @@ def die_with_launcher(poll_seconds: float = POLL_SECONDS) -> bool:
     if not launched_by_torchrun():
         return False
     parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); relying on the watchdog",
-                        ctypes.get_errno())
+    if not _kill_me_with_parent():
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); relying on the watchdog",
+                    ctypes.get_errno())
     if os.getppid() != parent or parent == 1:  # the launcher died before the request
         _die(parent)
     threading.Thread(target=_watch, args=(parent, poll_seconds), daemon=True,
                      name="parent-watch").start()
+    os.register_at_fork(before=_note_forking_pid, after_in_child=_forked_child_dies_with_parent)
     return True
+
+
+def _kill_me_with_parent() -> bool:
+    """PR_SET_PDEATHSIG=SIGKILL for this process; False where it failed (or not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL,
+                                                   0, 0, 0) == 0
+
+
+_forking_pid = 0
+
+
+def _note_forking_pid() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _forked_child_dies_with_parent() -> None:
+    """In a child forked from a rank (or from such a child): die with the process that forked
+    it. The kernel clears PR_SET_PDEATHSIG on fork, so each child asks again."""
+    _kill_me_with_parent()
+    if os.getppid() != _forking_pid:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _watch(parent: int, poll_seconds: float) -> None:

@@ -204,7 +204,7 @@ class Trainer:
     def finalize_checkpoints(self, blocking: bool) -> None:
         """Publish background saves that every rank has finished (all, with ``blocking``)."""
         if self.saver is not None:
-            for path in self.saver.finalize(blocking):
+            for path in store.finalize(checkpoint_dir(self.run_dir), self.saver, blocking):
                 self.callbacks.on_checkpoint(self, path)
 
     def resume(self) -> None:

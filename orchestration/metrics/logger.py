@@ -112,7 +112,11 @@ class MetricsLogger:
         self._tensorboard: TensorBoardTracker | None = None
         if not enabled:
             return
-        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 -- open for the run
+        # A raw append-only descriptor: a write that fails part-way (a full disk) leaves no
+        # half line that a retry would duplicate; what was not written waits in memory.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._unwritten = b""
+        self._write_error: OSError | None = None
         if cfg.wandb_mode != "disabled":
             self._wandb = start_wandb(self.run_dir, cfg, run_name, config)
         if cfg.tensorboard:
@@ -121,7 +125,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any], echo: bool = True) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record, default=float) + "\n")
+        self._append((json.dumps(record, default=float) + "\n").encode())
         self._track(record)
         if echo:
             log.info(format_record(record))
@@ -145,10 +149,33 @@ class MetricsLogger:
         if self._wandb is not None and metrics:
             self._wandb.log(metrics, step=step)
 
+    def _append(self, data: bytes) -> bool:
+        """Append ``data`` after whatever earlier lines are still unwritten; True when all is
+        on disk. A full disk must not end the run from here (the checkpoint save that filled
+        it reports it, in words, and must be the one to stop the job): the lines wait in
+        memory and are retried with every new one."""
+        self._unwritten += data
+        try:
+            while self._unwritten:
+                self._unwritten = self._unwritten[os.write(self._fd, self._unwritten):]
+        except OSError as err:
+            if self._write_error is None:
+                log.warning("cannot append to %s (%s); the metrics are kept in memory and "
+                            "written once that succeeds", self.path, err)
+            self._write_error = err
+            return False
+        if self._write_error is not None:
+            log.info("%s is written again", self.path)
+            self._write_error = None
+        return True
+
     def close(self) -> None:
         if not self.enabled:
             return
-        self._file.close()
+        if not self._append(b""):  # last try; else the job log keeps them
+            log.error("%s: these metrics could not be written (%s):\n%s", self.path,
+                      self._write_error, self._unwritten.decode(errors="replace"))
+        os.close(self._fd)
         if self._wandb is not None:
             self._wandb.finish()
         if self._tensorboard is not None:
