@@ -17,9 +17,9 @@ import hydra
 from omegaconf import DictConfig
 
 from orchestration.cluster.parent_watch import die_with_launcher
-from orchestration.common.quiet import install_warning_filters
 from orchestration.cluster.signals import catch_early
 from orchestration.cluster.streams import guard_standard_streams
+from orchestration.common.quiet import install_warning_filters
 from orchestration.config import register_configs, to_run_config
 from orchestration.loop.run import default_callbacks, run
 
