@@ -52,6 +52,21 @@ def wandb_history(run_dir: Path) -> list[dict]:
     return rows
 
 
+def _eval_rows(run_dir: Path, expected: int, timeout_s: float = 60.0) -> list[dict]:
+    """The lm-eval rows of the W&B offline files. W&B's service process writes them, and in
+    one CI run the last run's row was not in its file yet when read right after
+    ``run.finish()`` returned (3 reruns passed): wait for ``expected`` rows up to
+    ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [r for r in wandb_history(run_dir) if "eval/tiny_mc/acc" in r]
+        if len(rows) >= expected or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
 def test_tracker_names_and_events():
     from orchestration.metrics.logger import eval_metrics, tracker_metrics
 
@@ -141,7 +156,7 @@ def test_evaluation_results_reach_both_trackers(logged_run):
     # The training run's own scalars are untouched by the evaluation's writer.
     assert len(_scalars(logged_run / "tensorboard")["train/loss"]) == 6
     assert len(list(logged_run.glob("eval/wandb/step_*/wandb/offline-run-*"))) == 2
-    rows = [r for r in wandb_history(logged_run) if "eval/tiny_mc/acc" in r]
+    rows = _eval_rows(logged_run, expected=2)
     assert sorted(float(r["eval/step"]) for r in rows) == [3.0, 6.0]
     assert {float(r["eval/gsm8k/exact_match/strict-match"]) for r in rows} == {0.1}
 
