@@ -24,24 +24,22 @@ test_signals.py checks that the upstream symbols still exist.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
 import os
 import signal
-import sys
 import threading
 from multiprocessing import resource_tracker
 from multiprocessing.managers import SyncManager
 
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+# The server's side lives in a module without megatron: the spawned server process imports it
+# to run its initializer, and importing megatron there would print Megatron's import-time
+# notices in a process whose warning filters (orchestration.common.quiet) were never installed.
+from megatron_patches.writer_server import SHIELDED, harden_server
+
 #: What the module-level queue and its factory are called upstream (checked by a test).
 UPSTREAM = (filesystem_async, "_results_queue", "_get_write_results_queue")
-#: The signals that mean "checkpoint and stop" to a rank (orchestration.cluster.signals), plus
-#: the ones torchrun forwards by default; none of them may end the writer's helper.
-SHIELDED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                      signal.SIGUSR1, signal.SIGUSR2})
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 _manager: SyncManager | None = None
 
@@ -65,7 +63,7 @@ def shield() -> None:
         # It unblocks TERM/INT in this thread when it has started, hence the second mask.
         resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, SHIELDED)
-        manager.start(initializer=_harden_server, initargs=(os.getpid(),))
+        manager.start(initializer=harden_server, initargs=(os.getpid(),))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     _manager = manager
@@ -75,14 +73,3 @@ def shield() -> None:
 def server_pid() -> int | None:
     """The pid of the Manager process serving the queue (None before the first save)."""
     return _manager._process.pid if _manager is not None else None
-
-
-def _harden_server(parent: int) -> None:
-    """In the Manager process: ignore the stop signals, die with the rank that started it."""
-    for sig in SHIELDED:
-        signal.signal(sig, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the rank died before the request took effect
-        os._exit(0)

@@ -108,3 +108,16 @@ def test_training_and_export_print_no_warning_lines(corpus, tmp_path):
     assert [line for line in out if WARNING_LINE.search(line)] == []
     assert len(out) <= 2 and "exported" in out[-1], out
     assert Path(tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_checkpoint_writer_helper_imports_no_megatron():
+    """The writer helper is a spawned process that imports its initializer's module without
+    the command's warning filters: importing megatron there printed its four import-time
+    notices in every training run's output."""
+    from megatron_patches import writer_queue
+
+    module = writer_queue.harden_server.__module__
+    probe = f"import sys, {module}; print('megatron' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    assert out.stdout.strip() == "False"
