@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -68,3 +69,21 @@ def load_model_config(name: str):
     from orchestration.config import load_model_config as load
 
     return load(name)
+
+
+def run_losses(run_dir: Path) -> dict[int, float]:
+    """Per-step loss of a run's metrics.jsonl ({} before it exists); a step re-run after a
+    restart keeps its last value."""
+    path = run_dir / "metrics.jsonl"
+    out = {}
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def run_checkpoints(run_dir: Path) -> list[str]:
+    """The names under a run's checkpoints/ ([] before it exists), sorted."""
+    root = run_dir / "checkpoints"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
