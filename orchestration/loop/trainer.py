@@ -82,6 +82,10 @@ class Trainer:
         """The background checkpoint writer (``checkpoint.async_save``), else None."""
         return self.checkpoints.saver
 
+    @saver.setter
+    def saver(self, saver) -> None:  # bench/checkpoint_stall.py swaps writers between blocks
+        self.checkpoints.saver = saver
+
     @property
     def stopped_by_vote(self) -> bool:
         """The stop came from a rank's ``poll_stop`` (e.g. a signal)."""
