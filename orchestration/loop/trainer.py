@@ -8,12 +8,12 @@ from the same RNG state, then ``pre_optim_step`` again) -> ``after_step`` -> the
 the step's merged :class:`~orchestration.loop.control.Control`: save, roll back or stop.
 Everything a resumed run needs is a function of the global step plus what the callbacks store
 in the checkpoint.
+Steps are 1-based (``orchestration/loop/stages.py``): ``self.step`` is the last step done.
 
 This module is the loop and the trainer's state; the step's computation (the schedule, the
 all-reduce, the veto and re-runs, the loss function) is ``loop/step.py``, saving, resuming and
 rolling back are ``loop/checkpoints.py``, and the record of mix changes is
 ``data/history.py``.
-Steps are 1-based (``orchestration/loop/stages.py``): ``self.step`` is the last step done.
 """
 
 from __future__ import annotations
