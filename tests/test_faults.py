@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, run_checkpoints, run_losses
+from conftest import REPO, cli_experiment, run_checkpoints, run_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -20,22 +19,7 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture
 def cli(corpus, tmp_path):
     """Write a `fault` experiment for the synthetic corpus and return a command builder."""
-    exp = {
-        "name": "fault",
-        "model": {"vocab_size": 256, "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
-                  "seq_length": 64},
-        "data": {"name": "synthetic", "tokenizer_model": corpus["tokenizer"], "prepare": None,
-                 "sources": [{"name": k, "path": v} for k, v in corpus["sources"].items()]},
-        "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 12,
-                  "eval_interval": 0, "log_interval": 1},
-        "optim": {"warmup_steps": 2},
-        "checkpoint": {"save_interval": 3, "keep_last": 5},
-        "logging": {"wandb_mode": "disabled"},
-        "runtime": {"device": "cpu"},
-    }
-    conf = tmp_path / "conf" / "experiment"
-    conf.mkdir(parents=True)
-    (conf / "fault.yaml").write_text("# @package _global_\n" + yaml.safe_dump(exp))
+    cli_experiment(tmp_path / "conf", "fault", corpus)
 
     def command(run_dir: Path, *overrides: str, nproc: int = 0) -> list[str]:
         hydra = ["--config-dir", str(tmp_path / "conf"), "experiment=fault",

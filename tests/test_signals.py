@@ -16,30 +16,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
-from conftest import REPO, run_checkpoints, run_losses
-
-FAULT_EXPERIMENT = {  # the same tiny job as tests/test_faults.py
-    "name": "fault",
-    "model": {"vocab_size": 256, "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
-              "seq_length": 64},
-    "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 12,
-              "eval_interval": 0, "log_interval": 1},
-    "optim": {"warmup_steps": 2},
-    "checkpoint": {"save_interval": 3, "keep_last": 5},
-    "logging": {"wandb_mode": "disabled"},
-    "runtime": {"device": "cpu"},
-}
+from conftest import REPO, cli_experiment, run_checkpoints, run_losses
 
 
 @pytest.fixture(scope="module")
 def conf_dir(corpus, tmp_path_factory) -> Path:
-    exp = dict(FAULT_EXPERIMENT, data={
-        "name": "synthetic", "tokenizer_model": corpus["tokenizer"], "prepare": None,
-        "sources": [{"name": k, "path": v} for k, v in corpus["sources"].items()]})
     conf = tmp_path_factory.mktemp("signals") / "conf"
-    (conf / "experiment").mkdir(parents=True)
-    (conf / "experiment" / "fault.yaml").write_text("# @package _global_\n" + yaml.safe_dump(exp))
+    cli_experiment(conf, "fault", corpus)  # the same tiny job as tests/test_faults.py
     return conf
 
 
