@@ -147,7 +147,7 @@ def driver_parts(trainer, result, last_step: int, calls: int = 400) -> None:
 
     host = HostCopy(4, torch.float64, comm_device())
 
-    def skip_reduce() -> None:  # trainer._forward_backward after the schedule, and the read
+    def skip_reduce() -> None:  # StepRunner._forward_backward after the schedule, and the read
         # [LM loss sum, tokens, z-loss sum] + the stop vote
         total = torch.zeros(3, dtype=torch.float64, device=comm_device())
         total = torch.cat([total, total.new_full((1,), 0.0)])

@@ -6,7 +6,7 @@ one place where the (vocab-parallel) logits and the labels meet. :class:`ZLossGP
 overrides it to return, per token, the LM loss Megatron computes (fused or not) *and*
 ``log(Z)^2``, Z the softmax normaliser (PaLM, Chowdhery et al. 2022, sec. 5: loss +
 1e-4 * log(Z)^2 keeps log Z near 0). The output is ``[2, b, s]``; the loop's loss function
-(``orchestration/loop/trainer.py: _masked_loss``) masks both, optimises LM + coeff * z and
+(``orchestration/loop/step.py: masked_loss``) masks both, optimises LM + coeff * z and
 reports them apart. Megatron's multi-token prediction reuses the method with its own
 contract, so the two are not combined (``build_gpt_model`` refuses).
 

@@ -69,7 +69,7 @@ def evaluate(hf_dir: Path, tasks: list[str], options: EvalOptions = EvalOptions(
 def publish(run_dir: Path, step: int, result: dict[str, Any]) -> None:
     """Send the results to the run's W&B/TensorBoard as ``eval/<task>/<metric>`` (its logging
     settings from the run record). The JSON is the record: a tracker failure only warns."""
-    from orchestration.metrics.logger import publish_eval_results
+    from orchestration.metrics.trackers import publish_eval_results
 
     try:
         publish_eval_results(Path(run_dir), step, result["results"])

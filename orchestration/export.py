@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from orchestration.checkpoint.layout import read_metadata
-from orchestration.common.files import write_json_atomic
+from orchestration.common.files import replacing_dir, write_json_atomic
 from orchestration.common.quiet import install_warning_filters
 from orchestration.config import RunConfig
 from orchestration.hf.llama import (
@@ -52,7 +51,7 @@ def export(ckpt: Path, out: Path, run_config: Path | None = None, dtype: str = "
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
-    try:
+    with replacing_dir(tmp, out):
         special = write_tokenizer(cfg, tmp)
         vocab = weights["model.embed_tokens.weight"].shape[0]
         write_json_atomic(tmp / "config.json", llama_config(cfg, vocab, tied, dtype, special))
@@ -60,12 +59,6 @@ def export(ckpt: Path, out: Path, run_config: Path | None = None, dtype: str = "
         write_json_atomic(tmp / "generation_config.json", {**gen, "do_sample": False})
         write_json_atomic(tmp / "export_info.json", _provenance(ckpt, cfg, factors))
         _write_safetensors(tmp / "model.safetensors", weights, getattr(torch, dtype))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s -> %s", ckpt, out)
     return out
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from orchestration.checkpoint.layout import INFO_FILE, shape_config
-from orchestration.common.files import write_json_atomic, write_text_atomic
+from orchestration.common.files import replacing_dir, write_json_atomic, write_text_atomic
 from orchestration.common.quiet import install_warning_filters
 from orchestration.config import (
     ConfigError,
@@ -98,7 +97,7 @@ def import_hf(hf_dir: Path, out: Path, model: str | Path | None = None, tp: int 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    try:
+    with replacing_dir(tmp, out):
         save_weights_only(megatron, {"step": 0, "imported_from": str(hf_dir)}, tmp)
         saved = copy.deepcopy(cfg)
         sp_model = folder.copy_tokenizer(hf_dir, tmp / "tokenizer")
@@ -106,12 +105,6 @@ def import_hf(hf_dir: Path, out: Path, model: str | Path | None = None, tp: int 
             saved.data.tokenizer_model = str(out / "tokenizer" / sp_model.name)
         write_text_atomic(tmp / "run_config.yaml", _yaml(saved))
         write_json_atomic(tmp / INFO_FILE, _info(hf_dir, cfg, tp, pp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("imported %s -> %s (model %s, vocab padded for tp=%d)", hf_dir, out,
              cfg.model.name, tp)
     return out

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/corpus.py, tests/dist.py
 
@@ -68,3 +70,45 @@ def load_model_config(name: str):
     from orchestration.config import load_model_config as load
 
     return load(name)
+
+
+def run_losses(run_dir: Path) -> dict[int, float]:
+    """Per-step loss of a run's metrics.jsonl ({} before it exists); a step re-run after a
+    restart keeps its last value."""
+    path = run_dir / "metrics.jsonl"
+    out = {}
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def run_checkpoints(run_dir: Path) -> list[str]:
+    """The names under a run's checkpoints/ ([] before it exists), sorted."""
+    root = run_dir / "checkpoints"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def cli_experiment(conf_dir: Path, name: str, corpus: dict, **sections) -> Path:
+    """Write ``conf_dir/experiment/<name>.yaml`` for tests that train through the CLI
+    (``--config-dir conf_dir experiment=<name>``): the tiny model on the synthetic corpus, a
+    12-step job saving every 3 steps (the fault drills' job); ``sections`` replace sections."""
+    exp = {
+        "name": name,
+        "model": {"vocab_size": 256, "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
+                  "seq_length": 64},
+        "data": {"name": "synthetic", "tokenizer_model": corpus["tokenizer"], "prepare": None,
+                 "sources": [{"name": k, "path": v} for k, v in corpus["sources"].items()]},
+        "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 12,
+                  "eval_interval": 0, "log_interval": 1},
+        "optim": {"warmup_steps": 2},
+        "checkpoint": {"save_interval": 3, "keep_last": 5},
+        "logging": {"wandb_mode": "disabled"},
+        "runtime": {"device": "cpu"},
+        **sections,
+    }
+    path = conf_dir / "experiment" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# @package _global_\n" + yaml.safe_dump(exp))
+    return path

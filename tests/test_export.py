@@ -65,6 +65,25 @@ def save_random_checkpoint(cfg, step: int = 1, seed: int = 0):
     return path, model
 
 
+def save_mup_checkpoint(corpus: dict, run_dir: Path, tied: bool, seed: int):
+    """(cfg, checkpoint path, model) of a random-weight muP run, built by the real muP model
+    (base width 16, multipliers 4 and 3, attention scale power 0.75); needs ``megatron_env``."""
+    from megatron_patches.configs import build_megatron_configs
+    from megatron_patches.model import build_gpt_model
+    from orchestration.checkpoint import layout as ckpt
+    from orchestration.checkpoint import store
+
+    cfg = export_cfg(corpus, run_dir)
+    cfg.mup.enabled, cfg.mup.base_width = True, 16
+    cfg.mup.embedding_multiplier, cfg.mup.output_multiplier = 4.0, 3.0
+    cfg.mup.attention_scale_power, cfg.model.tie_embeddings = 0.75, tied
+    model = build_gpt_model(cfg, build_megatron_configs(cfg, on_cpu=True))
+    randomize(model, seed)
+    write_record(cfg)
+    path = store.save(ckpt.checkpoint_dir(cfg.run_dir), 1, model, None, {"step": 1}, 0)
+    return cfg, path, model
+
+
 def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     model.eval()
     positions = torch.arange(tokens.shape[1]).unsqueeze(0)
@@ -290,20 +309,9 @@ def test_mup_checkpoint_exports_with_multipliers_folded(megatron_env, corpus, tm
     (a tied embedding comes out untied, its two multipliers differing)."""
     import json
 
-    from megatron_patches.configs import build_megatron_configs
-    from megatron_patches.model import build_gpt_model
-    from orchestration.checkpoint import layout as ckpt
-    from orchestration.checkpoint import store
     from orchestration.export import export
 
-    cfg = export_cfg(corpus, tmp_path / "run")
-    cfg.mup.enabled, cfg.mup.base_width = True, 16
-    cfg.mup.embedding_multiplier, cfg.mup.output_multiplier = 4.0, 3.0
-    cfg.mup.attention_scale_power, cfg.model.tie_embeddings = 0.75, tied
-    model = build_gpt_model(cfg, build_megatron_configs(cfg, on_cpu=True))
-    randomize(model, seed=1)
-    write_record(cfg)
-    path = store.save(ckpt.checkpoint_dir(cfg.run_dir), 1, model, None, {"step": 1}, 0)
+    _, path, model = save_mup_checkpoint(corpus, tmp_path / "run", tied, seed=1)
     out = export(path, tmp_path / "hf")
     torch.testing.assert_close(
         hf_logits(out, TOKENS), megatron_logits(model, TOKENS), atol=1e-4, rtol=1e-4

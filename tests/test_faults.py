@@ -3,7 +3,6 @@ and a Hydra multirun, all through the real CLI (`python -m orchestration.train`/
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO
+from conftest import REPO, cli_experiment, run_checkpoints, run_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -21,22 +19,7 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture
 def cli(corpus, tmp_path):
     """Write a `fault` experiment for the synthetic corpus and return a command builder."""
-    exp = {
-        "name": "fault",
-        "model": {"vocab_size": 256, "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
-                  "seq_length": 64},
-        "data": {"name": "synthetic", "tokenizer_model": corpus["tokenizer"], "prepare": None,
-                 "sources": [{"name": k, "path": v} for k, v in corpus["sources"].items()]},
-        "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 12,
-                  "eval_interval": 0, "log_interval": 1},
-        "optim": {"warmup_steps": 2},
-        "checkpoint": {"save_interval": 3, "keep_last": 5},
-        "logging": {"wandb_mode": "disabled"},
-        "runtime": {"device": "cpu"},
-    }
-    conf = tmp_path / "conf" / "experiment"
-    conf.mkdir(parents=True)
-    (conf / "fault.yaml").write_text("# @package _global_\n" + yaml.safe_dump(exp))
+    cli_experiment(tmp_path / "conf", "fault", corpus)
 
     def command(run_dir: Path, *overrides: str, nproc: int = 0) -> list[str]:
         hydra = ["--config-dir", str(tmp_path / "conf"), "experiment=fault",
@@ -54,21 +37,6 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """Per-step loss; a step re-run after a restart keeps its last value."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
-
-
-def _checkpoints(run_dir: Path) -> list[str]:
-    root = run_dir / "checkpoints"
-    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-
-
 def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=timeout)
@@ -78,7 +46,7 @@ def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 def reference(cli, tmp_path):
     out = _run(cli(tmp_path / "reference"))
     assert out.returncode == 0, out.stderr[-3000:]
-    return _losses(tmp_path / "reference")
+    return run_losses(tmp_path / "reference")
 
 
 @pytest.mark.slow
@@ -91,17 +59,17 @@ def test_kill_9_then_restart_resumes_exactly(cli, reference, tmp_path, writer):
     proc = subprocess.Popen(cli(run_dir, *extra, nproc=2), cwd=REPO, env=_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while "step_00000006" not in _checkpoints(run_dir) and time.time() < deadline:
+    while "step_00000006" not in run_checkpoints(run_dir) and time.time() < deadline:
         time.sleep(0.2)
     proc.kill()  # torchrun's pid, as a user does; the ranks follow it (parent watch)
     proc.wait()
     time.sleep(3)
     assert not _job_processes(run_dir), "no rank outlives torchrun"
-    killed_at = max(_losses(run_dir))
+    killed_at = max(run_losses(run_dir))
     assert 6 <= killed_at < 12, "killed mid-run, after the step-6 checkpoint"
     out = _run(cli(run_dir, *extra, nproc=2))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert _losses(run_dir) == pytest.approx(reference, abs=2e-5)
+    assert run_losses(run_dir) == pytest.approx(reference, abs=2e-5)
 
 
 @pytest.mark.slow
@@ -114,17 +82,17 @@ def test_signal_checkpoints_current_step_and_resume_continues(sig, writer, cli, 
     proc = subprocess.Popen(cli(run_dir, *extra), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while not (run_dir / "metrics.jsonl").exists() or len(_losses(run_dir)) < 4:
+    while not (run_dir / "metrics.jsonl").exists() or len(run_losses(run_dir)) < 4:
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.1)
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
-    stopped_at = max(_losses(run_dir))
-    assert stopped_at < 12 and f"step_{stopped_at:08d}" in _checkpoints(run_dir)
+    stopped_at = max(run_losses(run_dir))
+    assert stopped_at < 12 and f"step_{stopped_at:08d}" in run_checkpoints(run_dir)
     out = _run(cli(run_dir, *extra))
     assert out.returncode == 0 and "resumed from" in out.stdout + out.stderr
-    assert _losses(run_dir) == reference
+    assert run_losses(run_dir) == reference
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(cli, reference, tmp_path):
@@ -139,7 +107,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(cli, reference, tmp_pa
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step_00000009 is unreadable" in out.stdout + out.stderr
     assert "resumed from" in out.stdout and "step_00000006" in out.stdout
-    assert _losses(run_dir) == reference
+    assert run_losses(run_dir) == reference
     kept = list((run_dir / "checkpoints" / "unloadable").glob("step_00000009-*"))
     assert len(kept) == 1 and len(list(kept[0].glob("*.distcp"))) > 0, "damaged one kept aside"
     assert all(len(p.read_bytes()) == 100 for p in kept[0].glob("*.distcp"))
@@ -152,7 +120,7 @@ def test_unloadable_checkpoints_refuse_a_silent_restart(cli, tmp_path):
     run_dir = tmp_path / "unloadable"
     out = _run(cli(run_dir, "train.exit_after_steps=6"))
     assert out.returncode == 0, out.stderr[-3000:]
-    saved = _checkpoints(run_dir)
+    saved = run_checkpoints(run_dir)
     assert saved == ["step_00000003", "step_00000006"]
     lines = (run_dir / "metrics.jsonl").read_text().count("\n")
 
@@ -167,7 +135,7 @@ def test_unloadable_checkpoints_refuse_a_silent_restart(cli, tmp_path):
     text = damaged.stdout + damaged.stderr
     assert damaged.returncode != 0
     assert all(f"checkpoints/{name}: damaged (" in text for name in saved), text[-3000:]
-    assert _checkpoints(run_dir) == saved, "nothing pruned or overwritten"
+    assert run_checkpoints(run_dir) == saved, "nothing pruned or overwritten"
     assert (run_dir / "metrics.jsonl").read_text().count("\n") == lines, "no step trained"
 
     fresh = _run(cli(run_dir, "checkpoint.allow_fresh_start=true", "train.max_steps=3"))
@@ -192,7 +160,7 @@ def test_second_job_on_a_run_dir_fails_naming_the_holder(cli, tmp_path):
     assert second.returncode != 0 and f"pid {first.pid}" in text and "is in use by" in text
     output, _ = first.communicate(timeout=240)
     assert first.returncode == 0, output[-3000:]
-    assert sorted(_losses(run_dir)) == list(range(1, 13)), "the first run was not disturbed"
+    assert sorted(run_losses(run_dir)) == list(range(1, 13)), "the first run was not disturbed"
     again = _run(cli(run_dir, "train.max_steps=13", "checkpoint.save_interval=0"))
     assert again.returncode == 0, "the lock of a finished job does not block the next"
 
@@ -210,14 +178,14 @@ def test_sigusr1_to_local_sh_checkpoints_and_leaves_no_rank(cli, tmp_path):
     proc = subprocess.Popen(["bash", "launch/local.sh", *hydra], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while not (run_dir / "metrics.jsonl").exists() or len(_losses(run_dir)) < 4:
+    while not (run_dir / "metrics.jsonl").exists() or len(run_losses(run_dir)) < 4:
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.1)
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, output[-3000:]
-    stopped_at = max(_losses(run_dir))
-    assert stopped_at < 12 and f"step_{stopped_at:08d}" in _checkpoints(run_dir)
+    stopped_at = max(run_losses(run_dir))
+    assert stopped_at < 12 and f"step_{stopped_at:08d}" in run_checkpoints(run_dir)
     time.sleep(2)
     alive = [p.pid for p in psutil.process_iter(["cmdline"])
              if str(run_dir) in " ".join(p.info["cmdline"] or [])]
@@ -246,7 +214,7 @@ def test_hydra_multirun_completes_both_points(cli, tmp_path):
     out = _run(command)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p for p in sweep.iterdir() if (p / "metrics.jsonl").exists())
-    assert len(runs) == 2 and all(len(_losses(r)) == 3 for r in runs)
+    assert len(runs) == 2 and all(len(run_losses(r)) == 3 for r in runs)
 
 
 def _job_processes(run_dir: Path) -> list[int]:
@@ -272,7 +240,7 @@ def test_kill_9_of_torchrun_leaves_no_rank_training(cli, tmp_path):
     launcher = subprocess.Popen(cli(run_dir, stall, nproc=2), cwd=REPO, env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while len(_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}) < 2:
+    while len(run_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}) < 2:
         assert time.time() < deadline and launcher.poll() is None
         time.sleep(0.2)
     ranks = psutil.Process(launcher.pid).children()
@@ -314,9 +282,9 @@ def test_full_disk_says_so_keeps_the_previous_checkpoint_and_resumes(cli, refere
     assert full.returncode != 0
     assert "checkpoint_info" not in text and "the disk is full (" in text, text[-3000:]
     assert f"free on {run_dir}/checkpoints" in text and "likely to fail for lack of space" in text
-    assert _checkpoints(run_dir) == ["step_00000003"], "partial .tmp removed, step 3 intact"
+    assert run_checkpoints(run_dir) == ["step_00000003"], "partial .tmp removed, step 3 intact"
 
     filler.unlink()
     again = _run(cli(run_dir, *extra))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from" in again.stdout and _losses(run_dir) == reference
+    assert "resumed from" in again.stdout and run_losses(run_dir) == reference

@@ -209,24 +209,16 @@ def test_mup_run_imports_with_multipliers_divided_out(megatron_env, corpus, tmp_
     """A muP checkpoint exported (multipliers folded) and imported into the same muP run
     (--run-config) gives the exported Llama's logits through the muP forward; a tied run's
     untied export is tied again."""
-    from test_export import randomize, write_record
+    from test_export import save_mup_checkpoint
 
     from megatron_patches.configs import build_megatron_configs
     from megatron_patches.model import build_gpt_model
-    from orchestration.checkpoint import layout as ckpt
     from orchestration.checkpoint import store
     from orchestration.config import to_dict
     from orchestration.export import export
     from orchestration.import_hf import import_hf
 
-    cfg = export_cfg(corpus, tmp_path / "run")
-    cfg.mup.enabled, cfg.mup.base_width = True, 16
-    cfg.mup.embedding_multiplier, cfg.mup.output_multiplier = 4.0, 3.0
-    cfg.mup.attention_scale_power, cfg.model.tie_embeddings = 0.75, tied
-    model = build_gpt_model(cfg, build_megatron_configs(cfg, on_cpu=True))
-    randomize(model, seed=2)
-    write_record(cfg)
-    path = store.save(ckpt.checkpoint_dir(cfg.run_dir), 1, model, None, {"step": 1}, 0)
+    cfg, path, model = save_mup_checkpoint(corpus, tmp_path / "run", tied, seed=2)
     hf_dir = export(path, tmp_path / "hf")
     run_config = tmp_path / "run_config.yaml"
     run_config.write_text(yaml.safe_dump(to_dict(cfg)))

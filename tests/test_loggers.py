@@ -68,7 +68,7 @@ def _eval_rows(run_dir: Path, expected: int, timeout_s: float = 60.0) -> list[di
 
 
 def test_tracker_names_and_events():
-    from orchestration.metrics.logger import eval_metrics, tracker_metrics
+    from orchestration.metrics.trackers import eval_metrics, tracker_metrics
 
     record = {"step": 7, "stage": "main", "loss": 2.5, "grad_norm": 0.5, "lr": 1e-3,
               "tokens_per_s": 900.0, "consumed_tokens": 4096, "step_time_s": 0.2,
@@ -146,7 +146,7 @@ def test_wandb_gets_ecosystem_names_and_no_event_fields(logged_run):
 
 
 def test_evaluation_results_reach_both_trackers(logged_run):
-    from orchestration.metrics.logger import publish_eval_results
+    from orchestration.metrics.trackers import publish_eval_results
 
     assert publish_eval_results(logged_run, 6, LM_EVAL_RESULTS) == ["tensorboard", "wandb"]
     assert publish_eval_results(logged_run, 3, LM_EVAL_RESULTS) == ["tensorboard", "wandb"]
@@ -166,7 +166,8 @@ def test_in_training_eval_records_use_the_checkpoint_step(tmp_path):
     import json
 
     from orchestration.config import LoggingConfig
-    from orchestration.metrics.logger import MetricsLogger, tracker_metrics
+    from orchestration.metrics.logger import MetricsLogger
+    from orchestration.metrics.trackers import tracker_metrics
 
     record = {"step": 12, "lm_eval/checkpoint_step": 10, "time": 1.7e9,
               "lm_eval/tiny_mc/acc": 0.4, "lm_eval/tiny_mc/acc_norm": 0.3}

@@ -126,7 +126,7 @@ def test_a_rerun_recomputes_the_same_step_and_is_bounded(tiny_cfg):
     """A callback asking for a re-run of step 3 every time: the loop computes step 3 again on
     the same batch from the same RNG state (dropout on: the same loss and grad norm each time),
     at most MAX_RERUNS times, then skips the update naming why, and goes on."""
-    from orchestration.loop.trainer import MAX_RERUNS
+    from orchestration.loop.step import MAX_RERUNS
 
     cfg = copy.deepcopy(tiny_cfg)
     cfg.model.hidden_dropout = 0.1

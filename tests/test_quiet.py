@@ -15,8 +15,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO
+from conftest import REPO, cli_experiment
 
 from orchestration.common.quiet import KNOWN_HARMLESS, install_warning_filters
 
@@ -72,22 +71,10 @@ def test_commands_import_megatron_only_after_installing_the_filters():
 @pytest.mark.slow  # a 2-rank torchrun training run and an export: ~40 s on 2 cores
 @pytest.mark.distributed
 def test_training_and_export_print_no_warning_lines(corpus, tmp_path):
-    exp = {
-        "name": "quiet",
-        "model": {"vocab_size": 256, "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
-                  "seq_length": 64},
-        "data": {"name": "synthetic", "tokenizer_model": corpus["tokenizer"], "prepare": None,
-                 "sources": [{"name": k, "path": v} for k, v in corpus["sources"].items()]},
-        "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 4,
-                  "eval_interval": 2, "log_interval": 1},
-        "optim": {"warmup_steps": 2},
-        "checkpoint": {"save_interval": 4},
-        "logging": {"wandb_mode": "disabled"},
-        "runtime": {"device": "cpu"},
-    }
-    conf = tmp_path / "conf" / "experiment"
-    conf.mkdir(parents=True)
-    (conf / "quiet.yaml").write_text("# @package _global_\n" + yaml.safe_dump(exp))
+    cli_experiment(tmp_path / "conf", "quiet", corpus,
+                   train={"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 4,
+                          "eval_interval": 2, "log_interval": 1},
+                   checkpoint={"save_interval": 4})
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCH_")}
     env.update(NPROC="2", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHON=sys.executable,

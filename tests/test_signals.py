@@ -6,7 +6,6 @@ signal during start-up is kept."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,30 +16,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
-from conftest import REPO
-
-FAULT_EXPERIMENT = {  # the same tiny job as tests/test_faults.py
-    "name": "fault",
-    "model": {"vocab_size": 256, "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
-              "seq_length": 64},
-    "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 12,
-              "eval_interval": 0, "log_interval": 1},
-    "optim": {"warmup_steps": 2},
-    "checkpoint": {"save_interval": 3, "keep_last": 5},
-    "logging": {"wandb_mode": "disabled"},
-    "runtime": {"device": "cpu"},
-}
+from conftest import REPO, cli_experiment, run_checkpoints, run_losses
 
 
 @pytest.fixture(scope="module")
 def conf_dir(corpus, tmp_path_factory) -> Path:
-    exp = dict(FAULT_EXPERIMENT, data={
-        "name": "synthetic", "tokenizer_model": corpus["tokenizer"], "prepare": None,
-        "sources": [{"name": k, "path": v} for k, v in corpus["sources"].items()]})
     conf = tmp_path_factory.mktemp("signals") / "conf"
-    (conf / "experiment").mkdir(parents=True)
-    (conf / "experiment" / "fault.yaml").write_text("# @package _global_\n" + yaml.safe_dump(exp))
+    cli_experiment(conf, "fault", corpus)  # the same tiny job as tests/test_faults.py
     return conf
 
 
@@ -80,22 +62,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """Per-step loss; a step re-run after a restart keeps its last value."""
-    path = run_dir / "metrics.jsonl"
-    out = {}
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
-
-
-def _checkpoints(run_dir: Path) -> list[str]:
-    root = run_dir / "checkpoints"
-    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-
-
 @pytest.fixture(scope="module")
 def reference(conf_dir, tmp_path_factory) -> dict[int, float]:
     """The uninterrupted two-rank run's per-step losses."""
@@ -103,7 +69,7 @@ def reference(conf_dir, tmp_path_factory) -> dict[int, float]:
     out = subprocess.run(_torchrun(conf_dir, run_dir), cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return _losses(run_dir)
+    return run_losses(run_dir)
 
 
 class Job:
@@ -202,10 +168,10 @@ def _assert_clean_stop(job: Job, status: int, launcher_status: int | None) -> in
     assert "Error executing job" not in text and _only_torchruns_traceback(text), text[-3000:]
     assert "forcefully exiting" not in text, "torchrun had to SIGKILL a rank"
     assert "done: step" in text, "rank 0 finished the run"
-    stopped_at = max(_losses(job.run_dir))
+    stopped_at = max(run_losses(job.run_dir))
     assert stopped_at < 12, "stopped before the end"
-    assert _checkpoints(job.run_dir)[-1] == f"step_{stopped_at:08d}", "checkpoint of the stop step"
-    assert not any(c.endswith(".tmp") for c in _checkpoints(job.run_dir)), "no partial save left"
+    assert run_checkpoints(job.run_dir)[-1] == f"step_{stopped_at:08d}", "checkpoint of the stop step"
+    assert not any(c.endswith(".tmp") for c in run_checkpoints(job.run_dir)), "no partial save left"
     return stopped_at
 
 
@@ -242,7 +208,7 @@ def test_sigterm_to_torchrun_checkpoints_the_stop_step_on_every_rank(conf_dir, t
     starts with a rank's first save, hence one before the signal)."""
     run_dir = tmp_path / "term"
     job = _launch("torchrun", conf_dir, run_dir, "checkpoint.save_interval=2")
-    job.wait_for(lambda: "step_00000002" in _checkpoints(run_dir) and len(_losses(run_dir)) >= 3,
+    job.wait_for(lambda: "step_00000002" in run_checkpoints(run_dir) and len(run_losses(run_dir)) >= 3,
                  "the step-2 checkpoint and step 3")
     os.kill(job.torchrun().pid, signal.SIGTERM)
     status = job.finish()
@@ -256,7 +222,7 @@ def test_signal_anywhere_stops_every_rank_at_one_step_and_resumes_exactly(
     target, how, sig, launcher_status = DRILLS[drill]
     run_dir = tmp_path / drill
     job = _launch(how, conf_dir, run_dir)
-    job.wait_for(lambda: "step_00000003" in _checkpoints(run_dir) and len(_losses(run_dir)) >= 4,
+    job.wait_for(lambda: "step_00000003" in run_checkpoints(run_dir) and len(run_losses(run_dir)) >= 4,
                  "the step-3 checkpoint and step 4")
     os.kill(_signal_target(job, target), sig)
     status = job.finish()
@@ -266,7 +232,7 @@ def test_signal_anywhere_stops_every_rank_at_one_step_and_resumes_exactly(
     again = _launch("torchrun", conf_dir, run_dir)
     assert again.finish() == 0, again.text()[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step_{stopped_at:08d}" in again.text()
-    assert _losses(run_dir) == reference, "per-step losses equal the uninterrupted run's"
+    assert run_losses(run_dir) == reference, "per-step losses equal the uninterrupted run's"
     assert not again.survivors()
 
 

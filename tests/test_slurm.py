@@ -12,7 +12,6 @@ tokenize array job. Skipped when no cluster is up; start one with
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_losses
 
 pytestmark = pytest.mark.slurm
 
@@ -110,7 +109,7 @@ class Job:
                        for p in sorted(self.slurm.logs.glob(f"*-{self.id}[._]*")))
 
     def losses(self) -> dict[int, float]:
-        return losses(self.run_dir)
+        return run_losses(self.run_dir)
 
 
 class Slurm:
@@ -141,16 +140,6 @@ class Slurm:
                         env=self.env(**env))
         assert proc.returncode == 0, proc.stderr
         return Job(proc.stdout.strip().split(";")[0], self, run_dir)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Per-step loss; a step re-run after a restart keeps its last value."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
 
 
 def _demo(slurm: Slurm, tmp: Path, name: str, *extra: str, nodes: int = 1,
@@ -372,7 +361,7 @@ def test_hydra_multirun_through_the_slurm_launcher(slurm, tmp_path):
     proc = slurm.run(cmd, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     runs = sorted(p for p in sweep.iterdir() if (p / "metrics.jsonl").exists())
-    assert len(runs) == 2 and all(sorted(losses(r)) == [1, 2, 3] for r in runs)
+    assert len(runs) == 2 and all(sorted(run_losses(r)) == [1, 2, 3] for r in runs)
     assert {"optim.lr=0.001" in r.name for r in runs} == {True, False}
     # Each point ran as a SLURM job of its own (the run record names its job id).
     jobs = {p.name.split("-job")[1].split("-")[0] for r in runs for p in (r / "record").iterdir()

@@ -282,11 +282,12 @@ def defer(spans: list[list[int]], steps: int, position: int) -> int:
     return position
 
 
-def _read_replay(path: str | None) -> tuple[set[int], dict[int, list[list[int]]]]:
-    """Steps to skip and windows to defer, from a previous run's skipped_batches.jsonl."""
-    if not path:
-        return set(), {}
-    steps: set[int] = set()
+def read_skip_log(path: str | Path) -> tuple[dict[int, dict], dict[int, list[list[int]]]]:
+    """The skips and deferrals of a skip log (``skipped_batches.jsonl``) that survived the
+    rollbacks: {step: its entry} of the skipped steps, and {stage index (``RUN_SCOPE``: the
+    run): the spans it deferred, oldest first}. The one reader of the format, for the replay
+    and for ``orchestration.data_sequence``."""
+    skips: dict[int, dict] = {}
     deferred: dict[int, list[list[int]]] = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         try:
@@ -298,5 +299,13 @@ def _read_replay(path: str | None) -> tuple[set[int], dict[int, list[list[int]]]
         if entry.get("kind") == "defer":
             deferred.setdefault(int(entry["stage_index"]), []).append(entry["batches"])
         elif entry.get("kind", "skip") == "skip":
-            steps.add(int(entry["step"]))
-    return steps, deferred
+            skips[int(entry["step"])] = entry
+    return skips, deferred
+
+
+def _read_replay(path: str | None) -> tuple[set[int], dict[int, list[list[int]]]]:
+    """Steps to skip and windows to defer, from a previous run's skipped_batches.jsonl."""
+    if not path:
+        return set(), {}
+    skips, deferred = read_skip_log(path)
+    return set(skips), deferred

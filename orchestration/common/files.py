@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +48,19 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2,
 def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
     """One JSON object per line, written atomically (rewrites of append-only logs)."""
     return write_text_atomic(path, "".join(json.dumps(r, default=float) + "\n" for r in rows))
+
+
+@contextmanager
+def replacing_dir(tmp: Path, out: Path) -> Iterator[Path]:
+    """Fill the folder ``tmp`` (created by the caller, next to ``out``) inside the block; when
+    the block completes, ``tmp`` replaces ``out`` (an earlier ``out`` is removed first). On any
+    error, ``tmp`` is removed and ``out`` is left as it was: a reader never sees half a folder.
+    """
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from megatron_patches.datasets import GPTDataset, build_held_out
 from orchestration.common.imports import import_object
 from orchestration.config import ConfigError, DataConfig, RunConfig
-from orchestration.data.streams import RunStreams, StageTrainData, gpt_config, plan_segments
+from orchestration.data.stage_data import StageTrainData
+from orchestration.data.streams import RunStreams, gpt_config, plan_segments
 from orchestration.data.tokenizer import TokenizerInfo, load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestration.callbacks.skipping import RUN_SCOPE, defer
+from orchestration.callbacks.skipping import RUN_SCOPE, defer, read_skip_log
 from orchestration.config import RunConfig
 from orchestration.loop.stages import Stage, plan_stages, stage_at, total_steps
 
@@ -33,21 +33,9 @@ class RunLog:
     def read(cls, run_dir: Path) -> RunLog:
         path = run_dir / "data_history.json"
         history = json.loads(path.read_text()) if path.is_file() else []
-        skipped: dict[int, str] = {}
-        deferred: dict[int, list[list[int]]] = {}
         log = run_dir / "skipped_batches.jsonl"
-        lines = log.read_text().splitlines() if log.is_file() else []
-        for number, line in enumerate(lines, start=1):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{log}:{number}: not a JSON skip-log line ({err})") from err
-            if entry.get("rolled_back"):
-                continue
-            if entry.get("kind") == "defer":
-                deferred.setdefault(int(entry["stage_index"]), []).append(entry["batches"])
-            else:
-                skipped[int(entry["step"])] = entry["reason"]
+        skips, deferred = read_skip_log(log) if log.is_file() else ({}, {})
+        skipped = {step: entry["reason"] for step, entry in skips.items()}
         return cls(history, skipped, deferred)
 
 

@@ -79,6 +79,11 @@ class Control:
             self.stop, self.failed = decision.stop, decision.failed
         self.rollback = self.rollback or decision.rollback
 
+    def merge_all(self, decisions: list[Decision | None]) -> None:
+        """Merge one hook's answers from every callback, in the callbacks' order."""
+        for decision in decisions:
+            self.merge(decision)
+
     def reset_step(self) -> None:
         """Forget the per-step decisions; a stop request stays until the loop acts on it."""
         self.skip, self.loss_scale, self.save, self.rollback = None, 1.0, False, None
