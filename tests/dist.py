@@ -31,8 +31,16 @@ def run_distributed(cfg, world_size: int, all_ranks: bool = False):
     or every rank's summaries with ``all_ranks``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "summary.pkl")
-        mp.start_processes(_worker, args=(world_size, _free_port(), cfg, out),
-                           nprocs=world_size, join=True, start_method="spawn")
+        for attempt in range(3):
+            try:
+                mp.start_processes(_worker, args=(world_size, _free_port(), cfg, out),
+                                   nprocs=world_size, join=True, start_method="spawn")
+                break
+            except mp.ProcessRaisedException as err:
+                # The free port was taken by another process between our probe and rank 0's
+                # listen (tests running side by side): nothing started, try another port.
+                if "EADDRINUSE" not in str(err) or attempt == 2:
+                    raise
         summaries = [pickle.loads(Path(f"{out}.{r}").read_bytes()) for r in range(world_size)]
     return summaries if all_ranks else summaries[0]
 
