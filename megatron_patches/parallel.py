@@ -6,7 +6,6 @@ depends on the launcher); everything that asks Megatron's ``parallel_state`` goe
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 
@@ -136,8 +135,11 @@ def single_process_group() -> None:
     """A one-rank gloo world for single-process tools: Megatron's dataset builder asks for the
     rank (``torch.distributed.get_rank``) whenever it builds a blend, even on one process."""
     if not dist.is_initialized():  # a fresh port: nobody else joins a one-rank world
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # The address goes in init_method, not MASTER_ADDR/PORT: those would stay in this
+        # process's environment and reach every job it submits (sbatch exports it), where a
+        # shared port makes jobs on one host join each other's rendezvous.
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                rank=0, world_size=1)
 
 
 def single_process_world(seed: int = 1234) -> None:

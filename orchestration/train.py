@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from orchestration.cluster.parent_watch import die_with_launcher
-from orchestration.cluster.signals import catch_early
+from orchestration.cluster.signals import catch_early, ignore_while_exiting
 from orchestration.cluster.streams import guard_standard_streams
 from orchestration.common.quiet import install_warning_filters
 from orchestration.config import register_configs, to_run_config
@@ -58,3 +58,4 @@ if __name__ == "__main__":
         raise SystemExit(explain_main([a for a in sys.argv[1:] if a != "--explain"]))
     die_with_launcher()  # before anything slow: an orphaned rank must not start training
     main()
+    ignore_while_exiting()  # the run has ended: a late stop signal must not fail its exit

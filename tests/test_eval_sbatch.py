@@ -27,7 +27,9 @@ def run_dir(corpus, tmp_path, megatron_env) -> Path:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    # A job's SLURM_* variables would leak into the array tasks; the cluster's config stays.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "MASTER_")) or k == "SLURM_CONF"}
     return {**env, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), **extra}
 
 
@@ -98,7 +100,7 @@ def _slurm_up() -> bool:
 @pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster answers sinfo")
 def test_submitted_to_slurm_for_real(run_dir):
     """The array job and its table job on a real cluster (CPU nodes: no GPUs asked for)."""
-    r = _sbatch("submit", str(run_dir), *OPTIONS, SBATCH_ARGS="--gpus-per-node=0 --time=00:15:00",
+    r = _sbatch("submit", str(run_dir), *OPTIONS, SBATCH_ARGS="--gpus-per-node=0 --cpus-per-task=2 --time=00:15:00",
                 REPO_DIR=str(REPO))
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().splitlines()[-1]

@@ -326,6 +326,26 @@ def test_stop_signal_during_start_up_is_kept_and_a_second_ctrl_c_aborts():
     assert "SIGTERM: finishing the step, then every rank saves a checkpoint" in out.stderr
 
 
+@pytest.mark.parametrize("ignored", [True, False])
+def test_a_stop_signal_while_the_process_exits_is_ignored(ignored):
+    """The SIGUSR1 node.sh passes on after a requeue's SIGTERM reached ranks whose stop
+    checkpoint was saved: CPython had reset the handlers while finalizing, the ranks died of it
+    (exit -10) and torchrun reported a failure. Without ignore_while_exiting it still does."""
+    out = _python(f"""
+        import os, subprocess, time
+        from orchestration.cluster import signals
+        signals.catch_early()
+        if {ignored}:
+            signals.ignore_while_exiting()
+        class SlowToFinalize:  # a module global torn down after the signal handlers
+            def __del__(self):
+                time.sleep(1.5)
+        subprocess.Popen(["bash", "-c", f"sleep 0.5; kill -USR1 {{os.getpid()}}"])
+        slow = SlowToFinalize()
+    """)
+    assert out.returncode == (0 if ignored else -signal.SIGUSR1), out.stderr[-2000:]
+
+
 def test_unhandled_by_reads_what_a_process_would_die_of():
     from orchestration.cluster.signals import unhandled_by
 

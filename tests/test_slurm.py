@@ -117,7 +117,8 @@ class Slurm:
         self.conf, self.data, self.logs = conf, data, logs
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        # sbatch exports this environment: a MASTER_ADDR/PORT here would override every job's.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
         return env | {
             "SLURM_CONF": self.conf, "PYTHONPATH": str(REPO), "OPT_DATA_DIR": str(self.data),
             # torchrun and python of this environment, in the job too (sbatch exports PATH)
@@ -186,7 +187,8 @@ def test_k2_stage1_sbatch_made_tiny_runs_to_the_end(slurm, tmp_path, nodes):
     command line: the later overrides win. 1 node runs the default 1 rank (RANKS_PER_NODE
     unset), 2 nodes run 2 ranks each."""
     overrides = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.sequence_parallel=false",
-                 "model=tiny", "data=demo", "train.precision=fp32", "train.micro_batch_size=1",
+                 "parallel.virtual_pipeline=1", "parallel.microbatch_group_size=null",
+                 "parallel.tp_comm_overlap=false", "model=tiny", "data=demo", "train.precision=fp32", "train.micro_batch_size=1",
                  "stages=[{name: stage1, mix: demo, max_steps: 4, global_batch_size: 4}]",
                  "train.eval_interval=0", "train.log_interval=1", "checkpoint.async_save=false",
                  "checkpoint.save_interval=2", "checkpoint.keep_every=0"]  # fmt: skip

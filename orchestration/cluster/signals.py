@@ -107,6 +107,20 @@ def catch_early(signals: tuple[int, ...] = STOP_SIGNALS) -> PreemptionSignal:
     return _early
 
 
+def ignore_while_exiting(signals: tuple[int, ...] = (*DEFAULT_SIGNALS, signal.SIGHUP)) -> None:
+    """Ignore stop signals once the run has ended (all steps done, or the stop checkpoint saved).
+
+    A stop signal then has nothing left to stop, yet it still arrives: ``scancel`` and a
+    requeue send SIGTERM, which ``launch/node.sh`` passes on as SIGUSR1, seconds after the stop
+    checkpoint. CPython resets every handler it installed to SIG_DFL while it finalizes (it
+    leaves SIG_IGN), so such a signal during the exit (W&B's flush, process groups torn down)
+    killed the rank: exit -10, torchrun reporting a failure after a clean stop. SIGINT keeps
+    its default: Ctrl-C still ends an exit that hangs.
+    """
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _say(text: str) -> None:
     """One line on stderr from a signal handler: no logging locks, and never fatal."""
     with contextlib.suppress(OSError):

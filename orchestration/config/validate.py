@@ -34,7 +34,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 
 def _checkpoint_errors(cfg: RunConfig) -> list[str]:
     every, interval = cfg.checkpoint.keep_every, cfg.checkpoint.save_interval
-    if every > 0 and (interval <= 0 or every % interval):
+    # No periodic saves (save_interval 0): nothing to thin, keep_every has nothing to act on.
+    if every > 0 and interval > 0 and every % interval:
         return [f"checkpoint.keep_every={every} is not a multiple of checkpoint.save_interval="
                 f"{interval}: no saved checkpoint would be kept"]
     return []
