@@ -2,7 +2,7 @@
 the slow tests, installing Debian's chromium and chromium-driver first).
 
 The run is trained here (two stages, held-out loss per source, a spike drill that skips a
-batch, checkpoints at steps 5 and 10), then scored by lm-eval, answered by the prompt command
+batch, checkpoints at steps 5 and 10 and at stage 1's end, 6), then scored by lm-eval, answered by the prompt command
 and built into a site through the real CLIs, as a team would.
 """
 
@@ -91,7 +91,8 @@ def test_eval_comparison_follows_the_selectors(page, site):
     from orchestration.release.collect import evaluations
 
     data = evaluations(site[0])
-    assert data["checkpoints"] == [5, 10]
+    # 5 and 10 by save_interval; 6 is stage 1's last step, its release checkpoint (save_stage_end)
+    assert data["checkpoints"] == [5, 6, 10]
     page.show("eval")
     acc = data["tasks"]["tiny_mc"]["acc"]["points"]
 
