@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from orchestration.common.paths import CONF_DIR
+from orchestration.common.quiet import install_warning_filters
 
 
 def compose(overrides: list[str], config_dir: str | None = None):
@@ -34,6 +35,7 @@ def compose(overrides: list[str], config_dir: str | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_warning_filters()  # before anything imports megatron-core
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world-size", type=int, required=True, help="ranks the launcher starts")
     p.add_argument("--config-dir", help="an extra config directory (as for train)")

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from orchestration.common.files import write_text_atomic
+from orchestration.common.quiet import install_warning_filters
 
 
 def _step_range(text: str) -> tuple[int, int]:
@@ -56,6 +57,7 @@ def last_checkpoint_step(run_dir: Path) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_warning_filters()  # before anything imports megatron-core
     p = argparse.ArgumentParser(prog="python -m orchestration.data_sequence",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestration.common.quiet import install_warning_filters
+
 
 def unigram_entropy(prefixes: dict[str, str], weights: dict[str, float]) -> float:
     """Entropy (nats) of the blend's token distribution: the loss of a frequency-only model."""
@@ -38,6 +40,7 @@ def unigram_entropy(prefixes: dict[str, str], weights: dict[str, float]) -> floa
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_warning_filters()  # before anything imports megatron-core
     from data_prep.mix import blend_for_megatron, compute_mix
     from data_prep.prepare_demo import prepare_demo_data
 

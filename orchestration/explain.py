@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from orchestration.common.quiet import install_warning_filters
+
 
 def main(argv: list[str] | None = None) -> int:
+    install_warning_filters()  # before anything imports megatron-core
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--this-machine", action="store_true",
                    help="probe this machine instead of assuming a GPU job")

@@ -20,11 +20,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from orchestration.common.quiet import install_warning_filters
 from orchestration.release.prompts import DEFAULT_PROMPTS
 from orchestration.release.site import build_site
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_warning_filters()  # before anything imports megatron-core
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, help="site folder (default: <run_dir>/gallery)")

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from orchestration.common.paths import CONF_DIR
+from orchestration.common.quiet import install_warning_filters
 from orchestration.config import load_model_config
 from orchestration.metrics.flops import PEAK_BF16_FLOPS, flops_per_token, parameter_count
 from orchestration.planning.memory import (  # noqa: F401  (re-exported for callers)
@@ -202,6 +203,7 @@ def _plan_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    install_warning_filters()  # before anything imports megatron-core
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["fit"]:
         ap = argparse.ArgumentParser(prog="python -m orchestration.plan fit")

@@ -14,10 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from orchestration.common.quiet import install_warning_filters
 from orchestration.release.prompts import DEFAULT_PROMPTS, answer_checkpoint, load_prompt_set
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_warning_filters()  # before anything imports megatron-core
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="prompt-set YAML")

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from orchestration.common.files import write_json_atomic
+from orchestration.common.quiet import install_warning_filters
 
 
 @dataclass
@@ -299,6 +300,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    install_warning_filters()  # before anything imports megatron-core
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, help="output folder (default: <run_dir>/report)")
