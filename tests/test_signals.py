@@ -346,6 +346,25 @@ def test_a_stop_signal_while_the_process_exits_is_ignored(ignored):
     assert out.returncode == (0 if ignored else -signal.SIGUSR1), out.stderr[-2000:]
 
 
+def test_stall_drill_until_signal_ends_on_a_stop_signal_and_a_plain_one_does_not():
+    out = _python("""
+        import os, signal, threading, time
+        from megatron_patches.parallel import single_process_group
+        from orchestration.cluster.signals import PreemptionSignal
+        from orchestration.loop.step import maybe_stall
+        single_process_group()
+        stop = PreemptionSignal()
+        for drill in ("stall:rank=0,step=4,seconds=60,until=signal", "stall:rank=0,step=4,seconds=3"):
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+            start = time.monotonic()
+            maybe_stall(drill, 4)
+            print(f"{time.monotonic() - start:.1f}")
+        maybe_stall("stall:rank=0,step=4,seconds=60,until=signal", 5)  # another step: no stall
+    """)
+    until_signal, plain = map(float, out.stdout.split())
+    assert 0.4 < until_signal < 5 and plain >= 3, out.stderr[-2000:]
+
+
 def test_unhandled_by_reads_what_a_process_would_die_of():
     from orchestration.cluster.signals import unhandled_by
 

@@ -35,7 +35,7 @@ DEMO = ["train.max_steps=8", "train.log_interval=1", "train.eval_interval=0",
         "train.sample_interval=0", "train.global_batch_size=4", "train.micro_batch_size=1",
         "checkpoint.save_interval=4"]  # fmt: skip
 # Rank 0 sleeps before step 4: the signal of a drill lands while the job is surely running.
-STALL = "runtime.fault_drill='stall:rank=0,step=4,seconds={}'"
+STALL = "runtime.fault_drill='stall:rank=0,step=4,seconds={},until=signal'"
 CPU = ["--gpus-per-node=0", "--cpus-per-task=2"]  # a CPU node of the test cluster fits two jobs
 
 
@@ -218,9 +218,12 @@ class Drill:
 DRILLS = [
     Drill("scancel_usr1", scancel=("--signal=USR1",)),
     Drill("scancel_batch_usr1", scancel=("--batch", "--signal=USR1")),
-    # The warning comes "up to 60 s early" (sbatch(1)): 10 s after the start at the latest, so
-    # most often while the ranks still start up and ignore USR1 (they get it once resent).
-    Drill("time_limit_warning", options=("--time=4", "--signal=USR1@230"), stall=20),
+    # The warning is due 100 s after the start; slurmctld sends it at a periodic check (every
+    # 30 s), "up to 60 s early" (sbatch(1)), so 40-100 s in. With the warning due at 10 s it once came
+    # before the step existed (due at 10 s), and SLURM drops a signal with no step to take it:
+    # the job ran to the end. Rank 0 stalls before step 4 until the signal (or 120 s); if it
+    # lands during start-up instead, node.sh resends it until the ranks take it.
+    Drill("time_limit_warning", options=("--time=5", "--signal=USR1@200"), stall=120),
     # node.sh passes SLURM's SIGTERM on to the ranks as SIGUSR1 (torchrun never sees it).
     Drill("scancel_term", scancel=()),
 ]

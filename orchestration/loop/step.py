@@ -32,6 +32,7 @@ from megatron_patches.parallel import (
 )
 from megatron_patches.schedule import ForwardBackward
 from orchestration.callbacks.base import Gradients
+from orchestration.cluster.signals import stop_signals_handled
 from orchestration.data.batches import BatchLayout, microbatches
 from orchestration.loop.control import Decision, StepResult
 from orchestration.loop.host_copy import HostCopy
@@ -197,10 +198,20 @@ def masked_loss(loss_mask: torch.Tensor, multiplier: float, z_loss_coeff: float,
 
 
 def maybe_stall(drill: str | None, step: int) -> None:
-    """The ``stall:rank=R,step=S[,seconds=T]`` fault drill: rank R hangs before step S."""
+    """The ``stall:rank=R,step=S[,seconds=T][,until=signal]`` fault drill: rank R hangs before
+    step S for T seconds, or, with ``until=signal``, until a stop signal reaches it, whichever
+    comes first. The second holds a SLURM time-limit drill at step S until the warning, which
+    slurmctld sends at its next periodic check (every 30 s), not at a set time."""
     if not drill or not drill.startswith("stall:"):
         return
     fields = dict(kv.split("=") for kv in drill[len("stall:"):].split(","))
-    if int(fields["rank"]) == dist.get_rank() and int(fields["step"]) == step:
-        log.warning("fault drill: rank %d stalls before step %d", dist.get_rank(), step)
-        time.sleep(float(fields.get("seconds", 3600)))
+    if int(fields["rank"]) != dist.get_rank() or int(fields["step"]) != step:
+        return
+    log.warning("fault drill: rank %d stalls before step %d", dist.get_rank(), step)
+    deadline = time.monotonic() + float(fields.get("seconds", 3600))
+    handled = stop_signals_handled()
+    while time.monotonic() < deadline:
+        if fields.get("until") == "signal" and stop_signals_handled() > handled:
+            log.warning("fault drill: rank %d stops stalling on a stop signal", dist.get_rank())
+            return
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
