@@ -72,6 +72,14 @@ def load_model_config(name: str):
     return load(name)
 
 
+def submitter_env(keep: tuple[str, ...] = ()) -> dict[str, str]:
+    """This process's environment as a test passes it to ``sbatch`` (which exports it to the
+    job): without an enclosing job's ``SLURM_*`` (they would describe the wrong job) and
+    without ``MASTER_ADDR/PORT`` (a test's rendezvous; every job would share that port)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "MASTER_")) or k in keep}
+
+
 def run_losses(run_dir: Path) -> dict[int, float]:
     """Per-step loss of a run's metrics.jsonl ({} before it exists); a step re-run after a
     restart keeps its last value."""

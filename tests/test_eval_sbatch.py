@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, submitter_env
 from test_export import export_cfg, save_random_checkpoint
 
 OPTIONS = ["--", "--tasks", "tiny_mc", "--limit", "2", "--device", "cpu"]
@@ -27,9 +26,7 @@ def run_dir(corpus, tmp_path, megatron_env) -> Path:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    # A job's SLURM_* variables would leak into the array tasks; the cluster's config stays.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "MASTER_")) or k == "SLURM_CONF"}
+    env = submitter_env(keep=("SLURM_CONF",))  # the test cluster's config stays
     return {**env, "PYTHON": sys.executable, "PYTHONPATH": str(REPO), **extra}
 
 
@@ -100,7 +97,8 @@ def _slurm_up() -> bool:
 @pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster answers sinfo")
 def test_submitted_to_slurm_for_real(run_dir):
     """The array job and its table job on a real cluster (CPU nodes: no GPUs asked for)."""
-    r = _sbatch("submit", str(run_dir), *OPTIONS, SBATCH_ARGS="--gpus-per-node=0 --cpus-per-task=2 --time=00:15:00",
+    r = _sbatch("submit", str(run_dir), *OPTIONS,
+                SBATCH_ARGS="--gpus-per-node=0 --cpus-per-task=2 --time=00:15:00",
                 REPO_DIR=str(REPO))
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().splitlines()[-1]

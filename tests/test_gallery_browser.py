@@ -2,8 +2,8 @@
 the slow tests, installing Debian's chromium and chromium-driver first).
 
 The run is trained here (two stages, held-out loss per source, a spike drill that skips a
-batch, checkpoints at steps 5 and 10 and at stage 1's end, 6), then scored by lm-eval, answered by the prompt command
-and built into a site through the real CLIs, as a team would.
+batch, checkpoints at steps 5 and 10 and at stage 1's end, 6), then scored by lm-eval,
+answered by the prompt command and built into a site through the real CLIs, as a team would.
 """
 
 from __future__ import annotations

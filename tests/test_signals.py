@@ -354,12 +354,16 @@ def test_stall_drill_until_signal_ends_on_a_stop_signal_and_a_plain_one_does_not
         from orchestration.loop.step import maybe_stall
         single_process_group()
         stop = PreemptionSignal()
-        for drill in ("stall:rank=0,step=4,seconds=60,until=signal", "stall:rank=0,step=4,seconds=3"):
+        def requested():
+            return stop.requested
+        for drill in ("stall:rank=0,step=4,seconds=60,until=signal",
+                      "stall:rank=0,step=4,seconds=3"):
+            stop.clear()
             threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1)).start()
             start = time.monotonic()
-            maybe_stall(drill, 4)
+            maybe_stall(drill, 4, requested)
             print(f"{time.monotonic() - start:.1f}")
-        maybe_stall("stall:rank=0,step=4,seconds=60,until=signal", 5)  # another step: no stall
+        maybe_stall("stall:rank=0,step=4,seconds=60,until=signal", 5, requested)  # no stall
     """)
     until_signal, plain = map(float, out.stdout.split())
     assert 0.4 < until_signal < 5 and plain >= 3, out.stderr[-2000:]

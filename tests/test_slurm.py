@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_losses
+from conftest import REPO, run_losses, submitter_env
 
 pytestmark = pytest.mark.slurm
 
@@ -117,8 +117,7 @@ class Slurm:
         self.conf, self.data, self.logs = conf, data, logs
 
     def env(self, **extra: str) -> dict[str, str]:
-        # sbatch exports this environment: a MASTER_ADDR/PORT here would override every job's.
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+        env = submitter_env()
         return env | {
             "SLURM_CONF": self.conf, "PYTHONPATH": str(REPO), "OPT_DATA_DIR": str(self.data),
             # torchrun and python of this environment, in the job too (sbatch exports PATH)
@@ -188,7 +187,8 @@ def test_k2_stage1_sbatch_made_tiny_runs_to_the_end(slurm, tmp_path, nodes):
     unset), 2 nodes run 2 ranks each."""
     overrides = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.sequence_parallel=false",
                  "parallel.virtual_pipeline=1", "parallel.microbatch_group_size=null",
-                 "parallel.tp_comm_overlap=false", "model=tiny", "data=demo", "train.precision=fp32", "train.micro_batch_size=1",
+                 "parallel.tp_comm_overlap=false", "model=tiny", "data=demo",
+                 "train.precision=fp32", "train.micro_batch_size=1",
                  "stages=[{name: stage1, mix: demo, max_steps: 4, global_batch_size: 4}]",
                  "train.eval_interval=0", "train.log_interval=1", "checkpoint.async_save=false",
                  "checkpoint.save_interval=2", "checkpoint.keep_every=0"]  # fmt: skip
@@ -219,10 +219,10 @@ DRILLS = [
     Drill("scancel_usr1", scancel=("--signal=USR1",)),
     Drill("scancel_batch_usr1", scancel=("--batch", "--signal=USR1")),
     # The warning is due 100 s after the start; slurmctld sends it at a periodic check (every
-    # 30 s), "up to 60 s early" (sbatch(1)), so 40-100 s in. With the warning due at 10 s it once came
-    # before the step existed (due at 10 s), and SLURM drops a signal with no step to take it:
-    # the job ran to the end. Rank 0 stalls before step 4 until the signal (or 120 s); if it
-    # lands during start-up instead, node.sh resends it until the ranks take it.
+    # 30 s), "up to 60 s early" (sbatch(1)), so 40-100 s in. Due at 10 s, it once came before
+    # the step existed, and SLURM drops a signal with no step to take it: the job ran to the
+    # end. Rank 0 stalls before step 4 until the signal (or 120 s); if it lands during
+    # start-up instead, node.sh resends it until the ranks take it.
     Drill("time_limit_warning", options=("--time=5", "--signal=USR1@200"), stall=120),
     # node.sh passes SLURM's SIGTERM on to the ranks as SIGUSR1 (torchrun never sees it).
     Drill("scancel_term", scancel=()),

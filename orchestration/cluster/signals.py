@@ -30,12 +30,6 @@ INTERACTIVE_SIGNALS = (signal.SIGINT, signal.SIGHUP)
 STOP_SIGNALS = (*DEFAULT_SIGNALS, *INTERACTIVE_SIGNALS)
 
 _early: PreemptionSignal | None = None
-_handled = 0  # stop signals handled in this process, by any PreemptionSignal
-
-
-def stop_signals_handled() -> int:
-    """How many stop signals this process has handled so far (the stall drill waits for one)."""
-    return _handled
 
 
 class PreemptionSignal:
@@ -82,8 +76,6 @@ class PreemptionSignal:
         self.interrupts = 0
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        global _handled
-        _handled += 1
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts > 1:

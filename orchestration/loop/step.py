@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +33,6 @@ from megatron_patches.parallel import (
 )
 from megatron_patches.schedule import ForwardBackward
 from orchestration.callbacks.base import Gradients
-from orchestration.cluster.signals import stop_signals_handled
 from orchestration.data.batches import BatchLayout, microbatches
 from orchestration.loop.control import Decision, StepResult
 from orchestration.loop.host_copy import HostCopy
@@ -63,7 +63,8 @@ class StepRunner:
         t.heartbeat.beat(step)
         lr = lr_for_step(t.cfg, t.stages, step)
         apply_lr(t.session.optimizer, lr, weight_decay_for_step(t.cfg, t.stages, step))
-        maybe_stall(t.cfg.runtime.fault_drill, step)
+        maybe_stall(t.cfg.runtime.fault_drill, step,
+                    stop_requested=lambda: t.callbacks.poll_stop(t) is not None)
         t.control.merge_all(t.callbacks.before_step(t, step))
         data_stage, batch = t.batch_for_step(step)
         if t.control.skip is not None:  # skipped without computing: replay, configured
@@ -197,11 +198,12 @@ def masked_loss(loss_mask: torch.Tensor, multiplier: float, z_loss_coeff: float,
     return loss_sum, count, {"lm loss": torch.stack(report)}
 
 
-def maybe_stall(drill: str | None, step: int) -> None:
+def maybe_stall(drill: str | None, step: int, stop_requested: Callable[[], bool]) -> None:
     """The ``stall:rank=R,step=S[,seconds=T][,until=signal]`` fault drill: rank R hangs before
-    step S for T seconds, or, with ``until=signal``, until a stop signal reaches it, whichever
-    comes first. The second holds a SLURM time-limit drill at step S until the warning, which
-    slurmctld sends at its next periodic check (every 30 s), not at a set time."""
+    step S for T seconds, or, with ``until=signal``, until this rank is asked to stop (its
+    ``poll_stop``: a signal), whichever comes first. The second holds a SLURM time-limit drill
+    at step S until the warning, which slurmctld sends at its next periodic check (every
+    30 s), not at a set time."""
     if not drill or not drill.startswith("stall:"):
         return
     fields = dict(kv.split("=") for kv in drill[len("stall:"):].split(","))
@@ -209,9 +211,8 @@ def maybe_stall(drill: str | None, step: int) -> None:
         return
     log.warning("fault drill: rank %d stalls before step %d", dist.get_rank(), step)
     deadline = time.monotonic() + float(fields.get("seconds", 3600))
-    handled = stop_signals_handled()
     while time.monotonic() < deadline:
-        if fields.get("until") == "signal" and stop_signals_handled() > handled:
+        if fields.get("until") == "signal" and stop_requested():
             log.warning("fault drill: rank %d stops stalling on a stop signal", dist.get_rank())
             return
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
